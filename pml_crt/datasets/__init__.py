@@ -1,0 +1,3 @@
+"""Datasets read from local copies, in the layouts their official downloads unpack to."""
+
+__all__: list[str] = []

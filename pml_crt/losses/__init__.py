@@ -1,0 +1,3 @@
+"""Metric losses for multi-head CRT embedders."""
+
+__all__: list[str] = []

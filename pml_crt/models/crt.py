@@ -1,0 +1,256 @@
+"""Coded Residual Transform (CRT), one head (Kan et al., NeurIPS 2022).
+
+The paper learns diversified prototypes, projects the feature map onto each
+prototype and encodes the features by their projection residuals weighted by
+their correlation with each prototype. Where the paper is silent (SPEC 1.2),
+every choice is a keyword option here; the defaults are set by the ablation
+benchmark in ``benchmarks/``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning.utils.module_with_records import ModuleWithRecords
+
+from ..utils.validation import check_choice, check_positive_int, feature_map_to_tokens
+
+Assignment = Literal["prototypes", "positions"]
+Residual = Literal["orthogonal", "prototype"]
+Fusion = Literal["flatten", "sum"]
+PrototypeInit = Literal["orthogonal", "normal"]
+
+_EPS = 1e-12
+
+
+class _AddPenaltyGradient(torch.autograd.Function):
+    """Identity on ``output`` whose backward also sends ``weight`` into ``penalty``.
+
+    This adds ``weight * penalty`` to whatever loss is back-propagated through
+    ``output``, without the loss function having to know about it.
+    """
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, penalty: torch.Tensor, weight: float) -> torch.Tensor:
+        ctx.weight = weight
+        ctx.penalty_shape = penalty.shape
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad_penalty = grad_output.new_full(ctx.penalty_shape, ctx.weight)
+        return grad_output, grad_penalty, None
+
+
+def prototype_diversity_penalty(prototypes: torch.Tensor) -> torch.Tensor:
+    """Mean squared off-diagonal cosine similarity of ``prototypes`` ``(K, d)``; a scalar."""
+    num_prototypes = prototypes.shape[0]
+    if num_prototypes < 2:
+        return prototypes.new_zeros(())
+    unit = F.normalize(prototypes, dim=1, eps=_EPS)
+    gram = unit @ unit.t()
+    off_diagonal = gram - torch.eye(num_prototypes, dtype=gram.dtype, device=gram.device)
+    return off_diagonal.pow(2).sum() / (num_prototypes * (num_prototypes - 1))
+
+
+class CRT(ModuleWithRecords):
+    """One Coded Residual Transform head.
+
+    Shapes: input ``(B, C, H, W)`` or ``(B, N, C)``; ``X`` ``(B, N, d)`` after
+    the input projection; prototypes ``P`` ``(K, d)``; correlation
+    coefficients ``A`` ``(B, N, K)``; coded residuals ``E`` ``(B, K, d)``;
+    output ``(B, embedding_size)``.
+
+    The residual tensor ``(B, N, K, d)`` is never built: ``E = A^T X - c * P``,
+    where ``c`` ``(B, K)`` is ``sum_n a_nk`` (``residual="prototype"``, so
+    ``r_nk = x_n - p_k``) or ``sum_n a_nk <x_n, p̂_k>`` with ``P̂`` in place of
+    ``P`` (``residual="orthogonal"``, so ``r_nk = x_n - <x_n, p̂_k> p̂_k``).
+    Memory is ``O(B*N*K + B*K*d)``.
+
+    Args:
+        in_channels: ``C``, the trunk's channel count.
+        embedding_size: ``D``, the output width.
+        num_prototypes: ``K``.
+        projection_dim: ``d``; ``None`` means ``min(C, 512)``; ``0`` means no
+            input projection (``d = C``). The projection is Linear + LayerNorm
+            on each position.
+        assignment: ``"prototypes"`` normalises the correlation coefficients
+            with a softmax over prototypes (NetVLAD-like soft assignment);
+            ``"positions"`` with a softmax over positions (prototype as query).
+        residual: ``"orthogonal"`` or ``"prototype"`` (see above).
+        temperature: initial temperature ``T`` of ``softmax(cos / T)``.
+        learn_temperature: learn ``T`` within ``temperature_bounds``.
+        temperature_bounds: ``(T_min, T_max)``; ``T = T_min + (T_max - T_min) * sigmoid(t)``.
+        fusion: ``"flatten"`` maps the flattened ``K * d`` coded residuals to
+            ``D`` with one Linear; ``"sum"`` applies one shared Linear ``d -> D``
+            to every prototype's coded residual and sums over prototypes.
+        prototype_init: ``"orthogonal"`` (diversified) or ``"normal"``.
+        diversity_weight: when > 0, ``diversity_weight * diversity_penalty()``
+            is added to any loss back-propagated through the output in
+            training mode.
+        check_inputs: reject non-finite inputs (one reduction per forward).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        embedding_size: int = 512,
+        num_prototypes: int = 64,
+        *,
+        projection_dim: int | None = None,
+        assignment: Assignment = "prototypes",
+        residual: Residual = "orthogonal",
+        temperature: float = 0.1,
+        learn_temperature: bool = True,
+        temperature_bounds: tuple[float, float] = (0.01, 1.0),
+        fusion: Fusion = "flatten",
+        prototype_init: PrototypeInit = "orthogonal",
+        diversity_weight: float = 0.0,
+        check_inputs: bool = True,
+    ) -> None:
+        super().__init__()
+        check_positive_int(in_channels, "in_channels")
+        check_positive_int(embedding_size, "embedding_size")
+        check_positive_int(num_prototypes, "num_prototypes")
+        check_choice(assignment, "assignment", ("prototypes", "positions"))
+        check_choice(residual, "residual", ("orthogonal", "prototype"))
+        check_choice(fusion, "fusion", ("flatten", "sum"))
+        check_choice(prototype_init, "prototype_init", ("orthogonal", "normal"))
+        t_min, t_max = (float(t) for t in temperature_bounds)
+        if not 0 < t_min < temperature < t_max:
+            raise ValueError(
+                "temperature must lie strictly inside temperature_bounds with "
+                f"0 < T_min < temperature < T_max; got temperature={temperature}, "
+                f"temperature_bounds={temperature_bounds}"
+            )
+        if diversity_weight < 0:
+            raise ValueError(f"diversity_weight must be >= 0, got {diversity_weight}")
+
+        if projection_dim is None:
+            projection_dim = min(in_channels, 512)
+        if projection_dim == 0:
+            self.projection: torch.nn.Module = torch.nn.Identity()
+            projection_dim = in_channels
+        else:
+            check_positive_int(projection_dim, "projection_dim")
+            self.projection = torch.nn.Sequential(
+                torch.nn.Linear(in_channels, projection_dim),
+                torch.nn.LayerNorm(projection_dim),
+            )
+
+        self.in_channels = in_channels
+        self.embedding_size = embedding_size
+        self.num_prototypes = num_prototypes
+        self.projection_dim = projection_dim
+        self.assignment = assignment
+        self.residual = residual
+        self.fusion = fusion
+        self.prototype_init = prototype_init
+        self.diversity_weight = float(diversity_weight)
+        self.check_inputs = check_inputs
+        self.temperature_bounds = (t_min, t_max)
+
+        self.prototypes = torch.nn.Parameter(torch.empty(num_prototypes, projection_dim))
+        raw = math.log((temperature - t_min) / (t_max - temperature))  # inverse sigmoid
+        raw_temperature = torch.tensor(raw)
+        if learn_temperature:
+            self.raw_temperature = torch.nn.Parameter(raw_temperature)
+        else:
+            self.register_buffer("raw_temperature", raw_temperature)
+        if fusion == "flatten":
+            self.fuse = torch.nn.Linear(num_prototypes * projection_dim, embedding_size)
+        else:
+            self.fuse = torch.nn.Linear(projection_dim, embedding_size)
+        self.last_diversity_penalty = 0.0
+        self.reset_prototypes()
+        self.add_to_recordable_attributes(
+            list_of_names=[
+                "num_prototypes",
+                "embedding_size",
+                "projection_dim",
+                "temperature_value",
+                "diversity_weight",
+                "last_diversity_penalty",
+            ],
+            is_stat=False,
+        )
+
+    def reset_prototypes(self) -> None:
+        """Re-initialise the prototypes with ``prototype_init``."""
+        with torch.no_grad():
+            if self.prototype_init == "orthogonal":
+                torch.nn.init.orthogonal_(self.prototypes)
+            else:
+                torch.nn.init.normal_(self.prototypes)
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        """The current temperature ``T``, a scalar tensor inside ``temperature_bounds``."""
+        t_min, t_max = self.temperature_bounds
+        return t_min + (t_max - t_min) * torch.sigmoid(self.raw_temperature)
+
+    @property
+    def temperature_value(self) -> float:
+        """``temperature`` as a Python float (what record-keeper logs)."""
+        return float(self.temperature.detach())
+
+    def diversity_penalty(self) -> torch.Tensor:
+        """Mean squared off-diagonal cosine similarity of the prototypes; a scalar."""
+        return prototype_diversity_penalty(self.prototypes)
+
+    def coded_residuals(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-prototype L2-normalised coded residuals.
+
+        Args:
+            x: ``(B, C, H, W)`` or ``(B, N, C)``.
+
+        Returns:
+            ``(B, K, d)``.
+        """
+        tokens = feature_map_to_tokens(x, self.in_channels, "x", self.check_inputs)
+        features = self.projection(tokens)  # (B, N, d)
+        unit_prototypes = F.normalize(self.prototypes, dim=1, eps=_EPS)  # (K, d)
+        projections = features @ unit_prototypes.t()  # (B, N, K): <x_n, p̂_k>
+        norms = features.norm(dim=-1, keepdim=True).clamp_min(_EPS)  # (B, N, 1)
+        logits = projections / (norms * self.temperature)
+        softmax_dim = 2 if self.assignment == "prototypes" else 1
+        weights = torch.softmax(logits, dim=softmax_dim)  # (B, N, K): a_nk
+        weighted_sum = weights.transpose(1, 2) @ features  # (B, K, d): sum_n a_nk x_n
+        if self.residual == "prototype":
+            coefficients = weights.sum(dim=1)  # (B, K)
+            coded = weighted_sum - coefficients.unsqueeze(-1) * self.prototypes
+        else:
+            coefficients = (weights * projections).sum(dim=1)  # (B, K)
+            coded = weighted_sum - coefficients.unsqueeze(-1) * unit_prototypes
+        return F.normalize(coded, dim=-1, eps=_EPS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Embed a feature map.
+
+        Args:
+            x: ``(B, C, H, W)`` feature map or ``(B, N, C)`` token sequence.
+
+        Returns:
+            ``(B, embedding_size)`` embeddings (not normalised; PML's distances
+            and testers normalise).
+        """
+        coded = self.coded_residuals(x)
+        if self.fusion == "flatten":
+            embeddings = self.fuse(coded.flatten(1))
+        else:
+            embeddings = self.fuse(coded).sum(dim=1)
+        if self.diversity_weight > 0 and self.training and torch.is_grad_enabled():
+            penalty = self.diversity_penalty()
+            self.last_diversity_penalty = float(penalty.detach())
+            embeddings = _AddPenaltyGradient.apply(embeddings, penalty, self.diversity_weight)
+        return embeddings
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, embedding_size={self.embedding_size}, "
+            f"num_prototypes={self.num_prototypes}, projection_dim={self.projection_dim}, "
+            f"assignment={self.assignment!r}, residual={self.residual!r}, fusion={self.fusion!r}"
+        )

@@ -1,0 +1,3 @@
+"""Embedding regularizers for multi-head CRT embedders."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""Feature-map trunks built from torchvision backbones."""
+
+__all__: list[str] = []

@@ -1,0 +1,5 @@
+"""Helpers shared across pml-crt."""
+
+from . import validation
+
+__all__ = ["validation"]

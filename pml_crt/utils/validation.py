@@ -1,0 +1,117 @@
+"""Input checks shared by every embedder, loss and regularizer of pml-crt.
+
+Each check raises ``ValueError`` or ``TypeError`` whose message names the
+argument and the expected shape, so that bad input never turns into a silent
+wrong answer or a NaN further down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def check_tensor(x: object, name: str) -> torch.Tensor:
+    """Raise ``TypeError`` unless ``x`` is a floating-point tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    return x
+
+
+def check_positive_int(value: object, name: str) -> None:
+    """Raise ``ValueError`` unless ``value`` is a positive int."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_choice(value: object, name: str, choices: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_finite(x: torch.Tensor, name: str) -> None:
+    """Raise ``ValueError`` if ``x`` holds NaN or infinite values."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def feature_map_to_tokens(
+    x: object, in_channels: int, name: str = "x", check_values: bool = True
+) -> torch.Tensor:
+    """Turn a trunk output into a token sequence.
+
+    Args:
+        x: ``(B, C, H, W)`` feature map (CNN trunk) or ``(B, N, C)`` token
+            sequence (transformer trunk).
+        in_channels: the expected ``C``.
+        name: the argument name used in error messages.
+        check_values: also reject NaN and infinite values.
+
+    Returns:
+        ``(B, N, C)`` tokens, with ``N = H * W`` for a feature map (a view of
+        ``x`` where possible).
+    """
+    x = check_tensor(x, name)
+    if x.dim() == 4:
+        batch, channels = x.shape[:2]
+        layout = "(B, C, H, W)"
+    elif x.dim() == 3:
+        batch, channels = x.shape[0], x.shape[2]
+        layout = "(B, N, C)"
+    else:
+        raise ValueError(
+            f"{name} must be a (B, C, H, W) feature map or a (B, N, C) token "
+            f"sequence, got shape {tuple(x.shape)}"
+        )
+    if channels != in_channels:
+        raise ValueError(
+            f"{name} has {channels} channels in layout {layout} (shape "
+            f"{tuple(x.shape)}), but the module was built with in_channels={in_channels}"
+        )
+    if batch == 0 or x.numel() == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
+    if check_values:
+        check_finite(x, name)
+    if x.dim() == 4:
+        return x.flatten(2).transpose(1, 2)
+    return x
+
+
+def check_embedding_sizes(
+    embedding_sizes: Sequence[int], name: str = "embedding_sizes"
+) -> list[int]:
+    """Return ``embedding_sizes`` as a list of positive ints, or raise."""
+    if isinstance(embedding_sizes, int) or not isinstance(embedding_sizes, Sequence):
+        raise TypeError(f"{name} must be a sequence of ints, got {embedding_sizes!r}")
+    sizes = list(embedding_sizes)
+    if len(sizes) == 0 or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes
+    ):
+        raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {sizes}")
+    return sizes
+
+
+def check_embeddings(
+    embeddings: object, embedding_sizes: Sequence[int], name: str = "embeddings"
+) -> torch.Tensor:
+    """Check a ``(B, sum(embedding_sizes))`` concatenated multi-head embedding."""
+    embeddings = check_tensor(embeddings, name)
+    total = sum(embedding_sizes)
+    if embeddings.dim() != 2 or embeddings.shape[1] != total:
+        raise ValueError(
+            f"{name} must have shape (B, {total}) = (B, sum(embedding_sizes={list(embedding_sizes)})), "
+            f"got {tuple(embeddings.shape)}"
+        )
+    check_finite(embeddings, name)
+    return embeddings
+
+
+def split_heads(
+    embeddings: torch.Tensor, embedding_sizes: Sequence[int]
+) -> tuple[torch.Tensor, ...]:
+    """Split ``(B, sum(D_h))`` into one ``(B, D_h)`` view per head."""
+    return torch.split(embeddings, list(embedding_sizes), dim=1)
