@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from . import losses, models, regularizers, trunks, utils  # noqa: E402
+from . import datasets, losses, models, regularizers, trunks, utils  # noqa: E402
 
-__all__ = ["__version__", "losses", "models", "regularizers", "trunks", "utils"]
+__all__ = ["__version__", "datasets", "losses", "models", "regularizers", "trunks", "utils"]
