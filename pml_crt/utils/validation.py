@@ -103,8 +103,8 @@ def check_embeddings(
     total = sum(embedding_sizes)
     if embeddings.dim() != 2 or embeddings.shape[1] != total:
         raise ValueError(
-            f"{name} must have shape (B, {total}) = (B, sum(embedding_sizes={list(embedding_sizes)})), "
-            f"got {tuple(embeddings.shape)}"
+            f"{name} must have shape (B, {total}) = (B, sum(embedding_sizes="
+            f"{list(embedding_sizes)})), got {tuple(embeddings.shape)}"
         )
     check_finite(embeddings, name)
     return embeddings
