@@ -87,7 +87,11 @@ class NetVLAD(ModuleWithRecords):
 
         if projection_dim is None:
             projection_dim = min(in_channels, 512)
-        if projection_dim == 0 and not isinstance(projection_dim, bool):
+        if (
+            isinstance(projection_dim, int)
+            and not isinstance(projection_dim, bool)
+            and projection_dim == 0
+        ):
             self.projection: torch.nn.Module = torch.nn.Identity()
             projection_dim = in_channels
         else:
