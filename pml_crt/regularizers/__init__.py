@@ -1,3 +1,5 @@
 """Embedding regularizers for multi-head CRT embedders."""
 
-__all__: list[str] = []
+from .similarity_consistency_regularizer import SimilarityConsistencyRegularizer
+
+__all__: list[str] = ["SimilarityConsistencyRegularizer"]

@@ -1,0 +1,320 @@
+"""Apply a PML loss to every head of a multi-head embedder, plus the consistency term."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from pytorch_metric_learning.losses import BaseMetricLossFunction
+from pytorch_metric_learning.miners import BaseMiner
+
+from ..utils.validation import check_embedding_sizes, check_embeddings, split_heads
+from .similarity_consistency_loss import SimilarityConsistencyLoss
+
+LossSpec = torch.nn.Module | Callable[[int], torch.nn.Module] | Sequence[torch.nn.Module]
+ConsistencySpec = SimilarityConsistencyLoss | Mapping[str, Any] | None
+
+
+def _is_size_dependent(module: torch.nn.Module) -> bool:
+    """True if a copy of ``module`` could not serve a head of another width.
+
+    That is: it (or a wrapped loss) has parameters, or an int ``embedding_size``
+    attribute (``CrossBatchMemory``'s memory).
+    """
+    if any(True for _ in module.parameters()):
+        return True
+    for sub in module.modules():
+        size = getattr(sub, "embedding_size", None)
+        if isinstance(size, int) and not isinstance(size, bool):
+            return True
+    return False
+
+
+class MultiHeadLoss(BaseMetricLossFunction):
+    """A PML loss on every head's slice of the concatenated embeddings, plus consistency.
+
+    ``total = sum_h head_weights[h] * loss_h(z_h) + consistency_weight * consistency(z)``
+    where ``z = [z_0, ..., z_{H-1}]`` is the ``(B, sum(embedding_sizes))``
+    training output of :class:`pml_crt.models.MultiHeadCRT`. It is itself a
+    ``BaseMetricLossFunction``, so it sits under the trainer's
+    ``loss_funcs["metric_loss"]``; its ``parameters()`` hold every sub-loss's
+    parameters (proxies, class weights), so a ``metric_loss_optimizer``
+    trains them.
+
+    Args:
+        loss: the per-head loss, one of
+
+            - a PML loss instance without parameters (``MultiSimilarityLoss()``,
+              ``ContrastiveLoss()``...): deep-copied once per head, so heads never
+              share state;
+            - a callable ``embedding_size -> loss``, called once per head, e.g.
+              ``lambda d: ProxyAnchorLoss(num_classes, d)``. Required for losses
+              whose parameters or buffers depend on the embedding size
+              (``ProxyAnchorLoss``, ``ArcFaceLoss``, ``SoftTripleLoss``,
+              ``NormalizedSoftmaxLoss``, ``CrossBatchMemory``...): a single such
+              instance raises ``ValueError``;
+            - a list of distinct loss instances, one per head.
+
+        embedding_sizes: width of every head, in concatenation order
+            (``MultiHeadCRT.embedding_sizes``).
+        consistency_weight: ``lambda`` of the consistency term; ``0`` disables
+            it. With a single head there are no pairs and the term is left out.
+        consistency: ``None`` (a default :class:`SimilarityConsistencyLoss`), a
+            dict of its keyword options, or an instance built for the same
+            ``embedding_sizes``.
+        miner: ``None``, a PML miner (deep-copied per head; each copy mines its
+            own head's slice), or a list with one miner or ``None`` per head.
+            Without it, an ``indices_tuple`` given to ``forward`` (for example
+            the trainer's ``tuple_miner`` output, mined on the concatenation) is
+            used unchanged for every head. Giving both raises ``ValueError``.
+        head_weights: one float per head (default all 1).
+        **kwargs: passed to ``BaseMetricLossFunction`` (``reducer``,
+            ``embedding_regularizer`` applied to the concatenation,
+            ``embedding_reg_weight``). ``distance`` is refused: set it on the
+            per-head loss or on the consistency loss.
+
+    Sub-losses (``sub_loss_names()``): ``head0_loss``, ..., ``head{H-1}_loss``
+    and ``consistency_loss``, each already weighted and "already_reduced", so
+    the default reducer sums them into the total. After each forward the
+    *unweighted* value of each is also stored as a float attribute of the same
+    name (recorded by record-keeper through ``_record_these``).
+    """
+
+    def __init__(
+        self,
+        loss: LossSpec,
+        embedding_sizes: Sequence[int],
+        consistency_weight: float = 1.0,
+        consistency: ConsistencySpec = None,
+        miner: BaseMiner | Sequence[BaseMiner | None] | None = None,
+        head_weights: Sequence[float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if "distance" in kwargs:
+            raise ValueError(
+                "MultiHeadLoss does not use a distance: pass it to the per-head loss "
+                "or to the consistency loss (consistency={'distance': ...})"
+            )
+        sizes = check_embedding_sizes(embedding_sizes)
+        if (
+            isinstance(consistency_weight, bool)
+            or not isinstance(consistency_weight, (int, float))
+            or not math.isfinite(consistency_weight)
+            or consistency_weight < 0
+        ):
+            raise ValueError(
+                f"consistency_weight must be a non-negative number, got {consistency_weight!r}"
+            )
+        # _sub_loss_names() is needed by the reducer set up in super().__init__.
+        self.num_heads = len(sizes)
+        self.has_consistency = self.num_heads >= 2 and consistency_weight > 0
+        super().__init__(**kwargs)
+        self.embedding_sizes = sizes
+        self.consistency_weight = float(consistency_weight)
+        self.head_weights = self._build_head_weights(head_weights)
+        self.losses = torch.nn.ModuleList(self._build_losses(loss))
+        self.miners = self._build_miners(miner)
+        self.consistency = self._build_consistency(consistency)
+        for i, weight in enumerate(self.head_weights):
+            setattr(self, f"head{i}_weight", weight)
+        self.add_to_recordable_attributes(
+            list_of_names=["num_heads", "consistency_weight"]
+            + [f"head{i}_weight" for i in range(self.num_heads)],
+            is_stat=False,
+        )
+        self.add_to_recordable_attributes(list_of_names=self._sub_loss_names(), is_stat=False)
+        for name in self._sub_loss_names():
+            setattr(self, name, 0.0)
+
+    def _sub_loss_names(self) -> list[str]:
+        names = [f"head{i}_loss" for i in range(self.num_heads)]
+        if self.has_consistency:
+            names.append("consistency_loss")
+        return names
+
+    def _build_head_weights(self, head_weights: Sequence[float] | None) -> list[float]:
+        if head_weights is None:
+            return [1.0] * self.num_heads
+        weights = list(head_weights)
+        if len(weights) != self.num_heads or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
+            for w in weights
+        ):
+            raise ValueError(
+                f"head_weights must hold {self.num_heads} non-negative numbers (one per "
+                f"head of embedding_sizes={self.embedding_sizes}), got {weights}"
+            )
+        return [float(w) for w in weights]
+
+    def _build_losses(self, loss: LossSpec) -> list[torch.nn.Module]:
+        sizes = self.embedding_sizes
+        if isinstance(loss, torch.nn.Module):
+            if _is_size_dependent(loss):
+                name = type(loss).__name__
+                raise ValueError(
+                    f"{name} has parameters or an embedding_size, so one instance cannot "
+                    "serve heads of different widths: pass a factory such as "
+                    f"`lambda embedding_size: {name}(..., embedding_size=embedding_size)` "
+                    f"or a list of {self.num_heads} losses, one per head "
+                    f"(embedding_sizes={sizes})"
+                )
+            losses = [copy.deepcopy(loss) for _ in sizes]
+        elif isinstance(loss, Sequence) and not isinstance(loss, (str, bytes)):
+            losses = list(loss)
+            if len(losses) != self.num_heads:
+                raise ValueError(
+                    f"loss is a list of {len(losses)} losses, but embedding_sizes={sizes} "
+                    f"has {self.num_heads} heads"
+                )
+            for i, item in enumerate(losses):
+                if not isinstance(item, torch.nn.Module):
+                    raise TypeError(
+                        f"loss[{i}] must be a torch.nn.Module loss, got {type(item).__name__}"
+                    )
+            for i, item in enumerate(losses):
+                if any(item is other for other in losses[:i]):
+                    if _is_size_dependent(item):
+                        raise ValueError(
+                            f"loss[{i}] is the same {type(item).__name__} instance as an "
+                            "earlier entry and has parameters: give each head its own instance"
+                        )
+                    losses[i] = copy.deepcopy(item)
+        elif callable(loss):
+            losses = []
+            for i, size in enumerate(sizes):
+                item = loss(size)
+                if not isinstance(item, torch.nn.Module):
+                    raise TypeError(
+                        f"the loss factory returned {type(item).__name__} for head {i} "
+                        f"(embedding_size={size}); it must return a torch.nn.Module loss"
+                    )
+                if any(item is other for other in losses):
+                    raise ValueError(
+                        "the loss factory returned the same instance for two heads; it must "
+                        "build a new loss on every call"
+                    )
+                losses.append(item)
+        else:
+            raise TypeError(
+                "loss must be a PML loss instance, a callable embedding_size -> loss, or a "
+                f"list of losses, got {type(loss).__name__}"
+            )
+        return losses
+
+    def _build_miners(
+        self, miner: BaseMiner | Sequence[BaseMiner | None] | None
+    ) -> torch.nn.ModuleDict | None:
+        if miner is None:
+            return None
+        if isinstance(miner, torch.nn.Module):
+            miners = [copy.deepcopy(miner) for _ in range(self.num_heads)]
+        elif isinstance(miner, Sequence) and not isinstance(miner, (str, bytes)):
+            miners = list(miner)
+            if len(miners) != self.num_heads:
+                raise ValueError(
+                    f"miner is a list of {len(miners)} entries, but embedding_sizes="
+                    f"{self.embedding_sizes} has {self.num_heads} heads"
+                )
+        else:
+            raise TypeError(
+                f"miner must be a PML miner or a list of miners, got {type(miner).__name__}"
+            )
+        for i, item in enumerate(miners):
+            if item is not None and not isinstance(item, torch.nn.Module):
+                raise TypeError(
+                    f"miner[{i}] must be a PML miner or None, got {type(item).__name__}"
+                )
+            if item is not None and any(item is other for other in miners[:i]):
+                miners[i] = copy.deepcopy(item)
+        return torch.nn.ModuleDict({f"head{i}": m for i, m in enumerate(miners) if m is not None})
+
+    def _build_consistency(self, consistency: ConsistencySpec) -> SimilarityConsistencyLoss | None:
+        if self.num_heads < 2:
+            if consistency is not None:
+                raise ValueError(
+                    "consistency was given, but embedding_sizes="
+                    f"{self.embedding_sizes} has a single head: there is nothing to compare"
+                )
+            return None
+        if consistency is None:
+            module = SimilarityConsistencyLoss(self.embedding_sizes)
+        elif isinstance(consistency, SimilarityConsistencyLoss):
+            if consistency.embedding_sizes != self.embedding_sizes:
+                raise ValueError(
+                    f"consistency was built for embedding_sizes={consistency.embedding_sizes}, "
+                    f"but this loss has embedding_sizes={self.embedding_sizes}"
+                )
+            module = consistency
+        elif isinstance(consistency, Mapping):
+            module = SimilarityConsistencyLoss(self.embedding_sizes, **consistency)
+        else:
+            raise TypeError(
+                "consistency must be None, a dict of SimilarityConsistencyLoss options or a "
+                f"SimilarityConsistencyLoss, got {type(consistency).__name__}"
+            )
+        return module if self.has_consistency else None
+
+    def _head_miner(self, index: int) -> BaseMiner | None:
+        if self.miners is None:
+            return None
+        return self.miners[f"head{index}"] if f"head{index}" in self.miners else None
+
+    def compute_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor | None,
+        indices_tuple: Any,
+        ref_emb: torch.Tensor,
+        ref_labels: torch.Tensor | None,
+    ) -> dict[str, dict[str, Any]]:
+        check_embeddings(embeddings, self.embedding_sizes, "embeddings")
+        if indices_tuple is not None and self.miners is not None:
+            raise ValueError(
+                "MultiHeadLoss got an indices_tuple and has its own miner: use one or the "
+                "other (drop the trainer's tuple_miner or MultiHeadLoss(miner=...))"
+            )
+        has_ref = ref_emb is not embeddings
+        if has_ref:
+            check_embeddings(ref_emb, self.embedding_sizes, "ref_emb")
+            ref_heads: Sequence[torch.Tensor | None] = split_heads(ref_emb, self.embedding_sizes)
+        else:
+            ref_heads = [None] * self.num_heads
+            ref_labels = None
+
+        loss_dict = {}
+        heads = split_heads(embeddings, self.embedding_sizes)
+        for i, (head, ref_head) in enumerate(zip(heads, ref_heads, strict=True)):
+            head_indices = indices_tuple
+            miner = self._head_miner(i)
+            if miner is not None:
+                head_indices = miner(head, labels, ref_head, ref_labels)
+            arguments = {
+                "labels": labels,
+                "indices_tuple": head_indices,
+                "ref_emb": ref_head,
+                "ref_labels": ref_labels,
+            }
+            value = self.losses[i](head, **{k: v for k, v in arguments.items() if v is not None})
+            self._record(f"head{i}_loss", value)
+            loss_dict[f"head{i}_loss"] = _already_reduced(value * self.head_weights[i])
+        if self.consistency is not None:
+            value = self.consistency(embeddings, ref_emb=ref_emb if has_ref else None)
+            self._record("consistency_loss", value)
+            loss_dict["consistency_loss"] = _already_reduced(value * self.consistency_weight)
+        return loss_dict
+
+    def _record(self, name: str, value: torch.Tensor | float) -> None:
+        setattr(self, name, float(value.detach()) if torch.is_tensor(value) else float(value))
+
+    def extra_repr(self) -> str:
+        return (
+            f"embedding_sizes={self.embedding_sizes}, consistency_weight="
+            f"{self.consistency_weight}, head_weights={self.head_weights}"
+        )
+
+
+def _already_reduced(value: torch.Tensor) -> dict[str, Any]:
+    return {"losses": value, "indices": None, "reduction_type": "already_reduced"}

@@ -1,0 +1,379 @@
+"""MultiHeadLoss: per-head PML losses plus the similarity-consistency term."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning import losses, miners, reducers, samplers, trainers
+from pytorch_metric_learning.distances import LpDistance
+from pytorch_metric_learning.utils import common_functions as pml_cf
+from record_keeper import RecordKeeper
+
+from pml_crt.losses import MultiHeadLoss, SimilarityConsistencyLoss
+from pml_crt.models import MultiHeadCRT
+from pml_crt.regularizers import SimilarityConsistencyRegularizer
+
+SIZES = [8, 4, 6]
+NUM_CLASSES = 4
+
+
+def _batch(batch: int = 16, sizes=SIZES, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    embeddings = torch.randn(batch, sum(sizes), generator=generator)
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(batch // NUM_CLASSES)
+    return embeddings, labels
+
+
+def _slices(x: torch.Tensor, sizes=SIZES) -> list[torch.Tensor]:
+    starts = [sum(sizes[:h]) for h in range(len(sizes))]
+    return [x[:, s : s + d] for s, d in zip(starts, sizes, strict=True)]
+
+
+def _hand_consistency(x: torch.Tensor, sizes=SIZES) -> torch.Tensor:
+    """Default term by hand: mean over head pairs of the off-diagonal MSE of cosine matrices."""
+    matrices = [F.normalize(z, dim=1) @ F.normalize(z, dim=1).t() for z in _slices(x, sizes)]
+    off_diagonal = ~torch.eye(len(x), dtype=torch.bool)
+    terms = [
+        ((matrices[a] - matrices[b])[off_diagonal] ** 2).mean()
+        for a in range(len(sizes))
+        for b in range(a + 1, len(sizes))
+    ]
+    return sum(terms) / len(terms)
+
+
+# --------------------------------------------------------------------------- values
+
+
+def test_equals_weighted_sum_of_head_losses_plus_consistency():
+    x, y = _batch()
+    loss = MultiHeadLoss(
+        losses.ContrastiveLoss(), SIZES, consistency_weight=0.7, head_weights=[1.0, 0.5, 2.0]
+    )
+    heads = [losses.ContrastiveLoss()(z, y) for z in _slices(x)]
+    expected = heads[0] + 0.5 * heads[1] + 2.0 * heads[2] + 0.7 * _hand_consistency(x)
+    torch.testing.assert_close(loss(x, y), expected)
+    # The recorded attributes are the unweighted values.
+    for i, value in enumerate(heads):
+        assert getattr(loss, f"head{i}_loss") == pytest.approx(value.item(), rel=1e-6)
+    assert loss.consistency_loss == pytest.approx(_hand_consistency(x).item(), rel=1e-5)
+    assert loss.head1_weight == 0.5 and loss.consistency_weight == 0.7
+
+
+def test_loss_dict_and_sub_loss_names():
+    x, y = _batch()
+    loss = MultiHeadLoss(losses.MultiSimilarityLoss(), SIZES, consistency_weight=2.0)
+    names = ["head0_loss", "head1_loss", "head2_loss", "consistency_loss"]
+    assert loss.sub_loss_names() == names
+    loss_dict = loss.compute_loss(x, y, None, x, y)
+    assert list(loss_dict) == names
+    for info in loss_dict.values():
+        assert info["reduction_type"] == "already_reduced" and info["indices"] is None
+        assert info["losses"].dim() == 0
+    torch.testing.assert_close(loss_dict["consistency_loss"]["losses"], 2.0 * _hand_consistency(x))
+    for name in names + ["num_heads", "consistency_weight", "head0_weight"]:
+        assert name in loss._record_these
+    loss(x, y)
+    assert all(isinstance(getattr(loss, name), float) for name in names)
+
+
+def test_consistency_weight_zero_and_single_head_drop_the_term():
+    x, y = _batch()
+    loss = MultiHeadLoss(losses.ContrastiveLoss(), SIZES, consistency_weight=0)
+    assert loss.sub_loss_names() == ["head0_loss", "head1_loss", "head2_loss"]
+    assert loss.consistency is None
+    expected = sum(losses.ContrastiveLoss()(z, y) for z in _slices(x))
+    torch.testing.assert_close(loss(x, y), expected)
+
+    single = MultiHeadLoss(losses.ContrastiveLoss(), [18])
+    assert single.sub_loss_names() == ["head0_loss"]
+    torch.testing.assert_close(single(x, y), losses.ContrastiveLoss()(x, y))
+    with pytest.raises(ValueError, match="single head"):
+        MultiHeadLoss(losses.ContrastiveLoss(), [18], consistency={"mode": "kl"})
+
+
+@pytest.mark.parametrize("mode", ["mse", "l1", "kl"])
+def test_consistency_options_as_dict_or_instance(mode):
+    x, y = _batch()
+    options = dict(mode=mode, stop_gradient="first", temperature=0.3)
+    term = SimilarityConsistencyLoss(SIZES, **options)(x)
+    heads = sum(losses.TripletMarginLoss()(z, y) for z in _slices(x))
+    from_dict = MultiHeadLoss(losses.TripletMarginLoss(), SIZES, consistency=options)
+    from_instance = MultiHeadLoss(
+        losses.TripletMarginLoss(),
+        SIZES,
+        consistency=SimilarityConsistencyLoss(SIZES, **options),
+        consistency_weight=3.0,
+    )
+    torch.testing.assert_close(from_dict(x, y), heads + term)
+    torch.testing.assert_close(from_instance(x, y), heads + 3.0 * term)
+
+
+def test_labels_optional_and_ref_emb_is_sliced():
+    x, y = _batch(batch=8)
+    ref, ref_y = _batch(batch=12, seed=1)
+    loss = MultiHeadLoss(losses.ContrastiveLoss(), SIZES)
+    heads = sum(
+        losses.ContrastiveLoss()(z, y, ref_emb=r, ref_labels=ref_y)
+        for z, r in zip(_slices(x), _slices(ref), strict=True)
+    )
+    term = SimilarityConsistencyLoss(SIZES)(x, ref_emb=ref)
+    torch.testing.assert_close(loss(x, y, ref_emb=ref, ref_labels=ref_y), heads + term)
+
+    unsupervised = MultiHeadLoss(losses.VICRegLoss(), SIZES)
+    heads = sum(
+        losses.VICRegLoss()(z, ref_emb=r) for z, r in zip(_slices(x), _slices(ref[:8]), strict=True)
+    )
+    term = SimilarityConsistencyLoss(SIZES)(x, ref_emb=ref[:8])
+    torch.testing.assert_close(unsupervised(x, ref_emb=ref[:8]), heads + term)
+
+
+def test_reducer_and_embedding_regularizer_kwargs():
+    x, y = _batch()
+    loss = MultiHeadLoss(
+        losses.ContrastiveLoss(),
+        SIZES,
+        reducer=reducers.MeanReducer(),
+        embedding_regularizer=SimilarityConsistencyRegularizer(SIZES, mode="l1"),
+        embedding_reg_weight=0.1,
+    )
+    assert loss.sub_loss_names()[-1] == "embedding_reg_loss"
+    expected = (
+        sum(losses.ContrastiveLoss()(z, y) for z in _slices(x))
+        + _hand_consistency(x)
+        + 0.1 * SimilarityConsistencyLoss(SIZES, mode="l1")(x)
+    )
+    torch.testing.assert_close(loss(x, y), expected)
+
+
+# --------------------------------------------------------------------------- miners
+
+
+def test_passed_indices_tuple_is_used_for_every_head():
+    x, y = _batch()
+    indices = miners.TripletMarginMiner(margin=0.5)(x, y)
+    loss = MultiHeadLoss(losses.TripletMarginLoss(), SIZES)
+    heads = sum(losses.TripletMarginLoss()(z, y, indices) for z in _slices(x))
+    torch.testing.assert_close(loss(x, y, indices), heads + _hand_consistency(x))
+
+
+def test_own_miner_mines_each_head_separately():
+    x, y = _batch()
+    miner = miners.TripletMarginMiner(margin=0.3, type_of_triplets="hard")
+    loss = MultiHeadLoss(losses.TripletMarginLoss(), SIZES, miner=miner)
+    assert loss.miners["head0"] is not loss.miners["head1"] and loss.miners["head0"] is not miner
+    heads = sum(losses.TripletMarginLoss()(z, y, miner(z, y)) for z in _slices(x))
+    torch.testing.assert_close(loss(x, y), heads + _hand_consistency(x))
+    # Mining each slice is not the same as mining the concatenation once.
+    concatenation_mined = MultiHeadLoss(losses.TripletMarginLoss(), SIZES)(x, y, miner(x, y))
+    assert not torch.allclose(loss(x, y), concatenation_mined)
+
+
+def test_per_head_miner_list_with_none():
+    x, y = _batch()
+    miner = miners.MultiSimilarityMiner()
+    loss = MultiHeadLoss(losses.MultiSimilarityLoss(), SIZES, miner=[miner, None, miner])
+    assert set(loss.miners.keys()) == {"head0", "head2"}
+    assert loss.miners["head0"] is miner and loss.miners["head2"] is not miner
+    z = _slices(x)
+    heads = (
+        losses.MultiSimilarityLoss()(z[0], y, miner(z[0], y))
+        + losses.MultiSimilarityLoss()(z[1], y)
+        + losses.MultiSimilarityLoss()(z[2], y, miner(z[2], y))
+    )
+    torch.testing.assert_close(loss(x, y), heads + _hand_consistency(x))
+
+
+def test_miner_and_indices_tuple_together_is_an_error():
+    x, y = _batch()
+    loss = MultiHeadLoss(losses.TripletMarginLoss(), SIZES, miner=miners.TripletMarginMiner())
+    with pytest.raises(ValueError, match="own miner"):
+        loss(x, y, miners.TripletMarginMiner()(x, y))
+
+
+# --------------------------------------------------------------------------- per-head losses
+
+
+def test_single_instance_is_deep_copied():
+    template = losses.MultiSimilarityLoss(alpha=3)
+    loss = MultiHeadLoss(template, SIZES)
+    assert len(loss.losses) == 3
+    assert len({id(m) for m in loss.losses} | {id(template)}) == 4
+    assert all(m.alpha == 3 for m in loss.losses)
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda d: losses.ProxyAnchorLoss(NUM_CLASSES, d),
+        lambda d: losses.ArcFaceLoss(NUM_CLASSES, d),
+        lambda d: losses.SoftTripleLoss(NUM_CLASSES, d, centers_per_class=2),
+        lambda d: losses.NormalizedSoftmaxLoss(NUM_CLASSES, d),
+    ],
+)
+def test_parametric_losses_via_factory_get_their_own_parameters(factory):
+    x, y = _batch()
+    x.requires_grad_()
+    loss = MultiHeadLoss(factory, SIZES)
+    params = [list(m.parameters()) for m in loss.losses]
+    assert all(len(p) == 1 for p in params)
+    for p, size in zip(params, SIZES, strict=True):
+        assert size in p[0].shape
+    owned = {id(p) for p in loss.parameters()}
+    assert all(id(p[0]) in owned for p in params)
+    assert len({id(p[0]) for p in params}) == 3
+
+    expected = sum(m(z, y) for m, z in zip(loss.losses, _slices(x), strict=True))
+    torch.testing.assert_close(loss(x, y), expected + _hand_consistency(x))
+
+    before = [p[0].detach().clone() for p in params]
+    optimizer = torch.optim.SGD(loss.parameters(), lr=0.1)
+    loss(x, y).backward()
+    optimizer.step()
+    for p, old in zip(params, before, strict=True):
+        assert p[0].grad is not None and not torch.equal(p[0].detach(), old)
+
+
+def test_list_of_losses_one_per_head():
+    x, y = _batch()
+    per_head = [
+        losses.ProxyAnchorLoss(NUM_CLASSES, 8),
+        losses.ContrastiveLoss(),
+        losses.ProxyNCALoss(NUM_CLASSES, 6),
+    ]
+    loss = MultiHeadLoss(per_head, SIZES)
+    assert all(a is b for a, b in zip(loss.losses, per_head, strict=True))
+    expected = sum(m(z, y) for m, z in zip(per_head, _slices(x), strict=True))
+    torch.testing.assert_close(loss(x, y), expected + _hand_consistency(x))
+
+
+def test_repeated_parameterless_instance_in_list_is_copied():
+    shared = losses.ContrastiveLoss()
+    loss = MultiHeadLoss([shared, shared, shared], SIZES)
+    assert loss.losses[0] is shared and loss.losses[1] is not shared
+
+
+@pytest.mark.parametrize(
+    "bad_loss",
+    [
+        losses.ProxyAnchorLoss(NUM_CLASSES, 8),
+        losses.ArcFaceLoss(NUM_CLASSES, 8),
+        losses.MarginLoss(learn_beta=True, num_classes=NUM_CLASSES),
+        losses.CrossBatchMemory(losses.ContrastiveLoss(), 8, memory_size=32),
+        losses.MultipleLosses(
+            [losses.ContrastiveLoss(), losses.CrossBatchMemory(losses.ContrastiveLoss(), 8)]
+        ),
+    ],
+)
+def test_single_parametric_instance_is_an_error(bad_loss):
+    with pytest.raises(ValueError, match="pass a factory"):
+        MultiHeadLoss(bad_loss, SIZES)
+
+
+def test_bad_loss_specs():
+    proxy = losses.ProxyAnchorLoss(NUM_CLASSES, 8)
+    with pytest.raises(ValueError, match="same ProxyAnchorLoss instance"):
+        MultiHeadLoss([proxy, proxy, losses.ContrastiveLoss()], SIZES)
+    with pytest.raises(ValueError, match="list of 2 losses, but embedding_sizes"):
+        MultiHeadLoss([losses.ContrastiveLoss()] * 2, SIZES)
+    with pytest.raises(TypeError, match=r"loss\[1\] must be a torch.nn.Module"):
+        MultiHeadLoss([losses.ContrastiveLoss(), "triplet", losses.ContrastiveLoss()], SIZES)
+    with pytest.raises(ValueError, match="same instance for two heads"):
+        MultiHeadLoss(lambda d: proxy, SIZES)
+    with pytest.raises(TypeError, match="must return a torch.nn.Module"):
+        MultiHeadLoss(lambda d: d, SIZES)
+    with pytest.raises(TypeError, match="loss must be a PML loss instance"):
+        MultiHeadLoss(3, SIZES)
+
+
+def test_bad_arguments():
+    contrastive = losses.ContrastiveLoss()
+    with pytest.raises(ValueError, match="embedding_sizes"):
+        MultiHeadLoss(contrastive, [])
+    with pytest.raises(ValueError, match="head_weights must hold 3"):
+        MultiHeadLoss(contrastive, SIZES, head_weights=[1.0, 1.0])
+    with pytest.raises(ValueError, match="consistency_weight"):
+        MultiHeadLoss(contrastive, SIZES, consistency_weight=-1)
+    with pytest.raises(ValueError, match="consistency_weight"):
+        MultiHeadLoss(contrastive, SIZES, consistency_weight=float("nan"))
+    with pytest.raises(ValueError, match="does not use a distance"):
+        MultiHeadLoss(contrastive, SIZES, distance=LpDistance())
+    with pytest.raises(ValueError, match=r"built for embedding_sizes=\[8, 4\]"):
+        MultiHeadLoss(contrastive, SIZES, consistency=SimilarityConsistencyLoss([8, 4]))
+    with pytest.raises(TypeError, match="consistency must be None"):
+        MultiHeadLoss(contrastive, SIZES, consistency="mse")
+    with pytest.raises(ValueError, match="miner is a list of 1"):
+        MultiHeadLoss(contrastive, SIZES, miner=[miners.MultiSimilarityMiner()])
+
+
+def test_wrong_embedding_width_is_an_error():
+    x, y = _batch(sizes=[8, 4, 5])
+    loss = MultiHeadLoss(losses.ContrastiveLoss(), SIZES)
+    with pytest.raises(ValueError, match=r"embeddings must have shape \(B, 18\)"):
+        loss(x, y)
+    with pytest.raises(ValueError, match=r"ref_emb must have shape \(B, 18\)"):
+        loss(_batch()[0], y, ref_emb=x, ref_labels=y)
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+def test_trains_under_a_pml_trainer_and_is_recorded():
+    """One MetricLossOnly epoch: sub-losses reach record-keeper, loss params get optimized."""
+    torch.manual_seed(0)
+    images = torch.randn(32, 16, 4, 4)
+    labels = torch.arange(NUM_CLASSES).repeat(8)
+    dataset = torch.utils.data.TensorDataset(images, labels)
+    embedder = MultiHeadCRT(in_channels=16, heads=[(8, 12), (4, 6)])
+    metric_loss = MultiHeadLoss(
+        lambda d: losses.ProxyAnchorLoss(NUM_CLASSES, d), embedder.embedding_sizes
+    )
+    proxies_before = [p.detach().clone() for p in metric_loss.parameters()]
+
+    class FakeWriter:
+        def __init__(self):
+            self.rows = []
+
+        def append(self, group, series, value, iteration):
+            self.rows.append((group, series, value))
+
+    writer = FakeWriter()
+    record_keeper = RecordKeeper(
+        record_writer=writer,
+        attributes_to_search_for=pml_cf.list_of_recordable_attributes_list_names(),
+    )
+
+    def hook(trainer):
+        record_keeper.update_records(
+            trainer.loss_funcs,
+            trainer.get_global_iteration(),
+            recursive_types=[torch.nn.Module, dict],
+        )
+
+    trainer = trainers.MetricLossOnly(
+        models={"trunk": torch.nn.Identity(), "embedder": embedder},
+        optimizers={
+            "embedder_optimizer": torch.optim.SGD(embedder.parameters(), lr=0.01),
+            "metric_loss_optimizer": torch.optim.SGD(metric_loss.parameters(), lr=0.01),
+        },
+        batch_size=16,
+        loss_funcs={"metric_loss": metric_loss},
+        mining_funcs={"tuple_miner": miners.MultiSimilarityMiner()},
+        dataset=dataset,
+        sampler=samplers.MPerClassSampler(labels, m=4, length_before_new_iter=32),
+        dataloader_num_workers=0,
+        data_device=torch.device("cpu"),
+        end_of_iteration_hook=hook,
+    )
+    trainer.train(num_epochs=1)
+
+    assert torch.isfinite(torch.tensor(float(trainer.losses["total_loss"])))
+    for before, after in zip(proxies_before, metric_loss.parameters(), strict=True):
+        assert not torch.equal(before, after.detach())
+    series = {(group, name) for group, name, _ in writer.rows}
+    group = "metric_loss_MultiHeadLoss"
+    for name in ("head0_loss", "head1_loss", "consistency_loss", "consistency_weight"):
+        assert (group, name) in series, sorted(series)
+    # Sub-loss modules are reached through _modules recursion.
+    assert any(g.endswith("ProxyAnchorLoss") and n == "num_classes" for g, n in series)
+    assert any(g.endswith("SimilarityConsistencyLoss") and n == "temperature" for g, n in series)
