@@ -1,3 +1,7 @@
 """Datasets read from local copies, in the layouts their official downloads unpack to."""
 
-__all__: list[str] = []
+from .class_subset import select_classes
+from .cub import ToRGB, cub
+from .omniglot import OmniglotCharacters, download_omniglot
+
+__all__ = ["OmniglotCharacters", "ToRGB", "cub", "download_omniglot", "select_classes"]

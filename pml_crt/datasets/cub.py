@@ -1,0 +1,93 @@
+"""CUB-200-2011 through PML's ``CUB`` class, with RGB images and 0-based labels."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from PIL import Image
+from pytorch_metric_learning.datasets import CUB
+
+from .class_subset import ClassSubset, select_classes
+
+__all__ = ["ToRGB", "cub"]
+
+
+class ToRGB:
+    """Transform: ``PIL.Image -> PIL.Image`` in mode ``"RGB"`` (PML's datasets skip this)."""
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return image if image.mode == "RGB" else image.convert("RGB")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class _Compose:
+    def __init__(self, *transforms: Callable[[Any], Any]) -> None:
+        self.transforms = transforms
+
+    def __call__(self, x: Any) -> Any:
+        for transform in self.transforms:
+            x = transform(x)
+        return x
+
+    def __repr__(self) -> str:
+        return f"Compose({', '.join(repr(t) for t in self.transforms)})"
+
+
+def cub(
+    root: str | os.PathLike,
+    split: str = "train",
+    transform: Callable[[Image.Image], Any] | None = None,
+    target_transform: Callable[[int], Any] | None = None,
+    *,
+    relabel: bool = True,
+    class_subset: ClassSubset = None,
+    download: bool = False,
+) -> CUB:
+    """PML's ``CUB`` dataset with RGB images, 0-based labels and optional class subsets.
+
+    ``pytorch_metric_learning.datasets.CUB`` opens images without converting
+    them (a few CUB images are grayscale) and returns the raw 1-based class
+    ids (101-200 for the test split), which classifier-style losses cannot
+    use as class indices. This returns the same object with ``ToRGB`` before
+    ``transform`` and, with ``relabel``, labels ``0 .. n-1`` in class-id order.
+
+    Args:
+        root: folder holding ``CUB_200_2011/`` (PML's convention).
+        split: ``"train"`` (class ids 1-100), ``"test"`` (101-200) or
+            ``"train+test"``.
+        transform: applied to each RGB PIL image.
+        target_transform: applied to each label.
+        relabel: map the class ids present to ``0 .. n-1`` (sorted by id).
+        class_subset: keep only these classes, as indices into the split's
+            sorted class ids (see :func:`select_classes`), e.g. for the MLRC
+            cross-validation folds.
+        download: let PML download the archive (needs a network connection).
+
+    Returns:
+        A ``CUB`` dataset whose items are ``(image, label)``; its ``labels``
+        attribute is the label list PML's ``MPerClassSampler`` needs and its
+        ``class_ids`` attribute gives each label's original CUB class id.
+    """
+    rgb_transform: Callable[[Image.Image], Any] = (
+        ToRGB() if transform is None else _Compose(ToRGB(), transform)
+    )
+    dataset = CUB(
+        root=str(root),
+        split=split,
+        transform=rgb_transform,
+        target_transform=target_transform,
+        download=download,
+    )
+    all_ids = sorted(set(dataset.labels))
+    keep_ids = [all_ids[i] for i in select_classes(len(all_ids), class_subset)]
+    keep = set(keep_ids)
+    pairs = [(p, y) for p, y in zip(dataset.paths, dataset.labels, strict=True) if y in keep]
+    mapping = {class_id: i for i, class_id in enumerate(keep_ids)} if relabel else None
+    dataset.paths = [p for p, _ in pairs]
+    dataset.labels = [mapping[y] if mapping else y for _, y in pairs]
+    dataset.class_ids = keep_ids
+    return dataset
