@@ -65,8 +65,7 @@ def reference_crt(module: CRT, x: torch.Tensor) -> torch.Tensor:
         else:
             a = [
                 [
-                    torch.exp(logits[n][k])
-                    / sum(torch.exp(logits[m][k]) for m in range(positions))
+                    torch.exp(logits[n][k]) / sum(torch.exp(logits[m][k]) for m in range(positions))
                     for k in range(K)
                 ]
                 for n in range(positions)
@@ -87,8 +86,7 @@ def reference_crt(module: CRT, x: torch.Tensor) -> torch.Tensor:
             out = torch.stack([_dot(W[j], flat) + bias[j] for j in range(W.shape[0])])
         else:
             out = sum(
-                torch.stack([_dot(W[j], e_k) + bias[j] for j in range(W.shape[0])])
-                for e_k in coded
+                torch.stack([_dot(W[j], e_k) + bias[j] for j in range(W.shape[0])]) for e_k in coded
             )
         outputs.append(out)
     return torch.stack(outputs)
