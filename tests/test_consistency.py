@@ -412,8 +412,8 @@ def test_bad_ref_embeddings():
     [
         (dict(mode="l2"), ValueError, "mode must be one of"),
         (dict(stop_gradient="smaller"), ValueError, "stop_gradient must be one of"),
-        (dict(temperature=0.0), ValueError, "temperature must be a positive number"),
-        (dict(temperature=-1), ValueError, "temperature must be a positive number"),
+        (dict(temperature=0.0), ValueError, "temperature must be a finite number > 0"),
+        (dict(temperature=-1), ValueError, "temperature must be a finite number > 0"),
         (dict(distance="cosine"), TypeError, "distance must be a pytorch_metric_learning"),
     ],
 )

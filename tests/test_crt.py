@@ -310,8 +310,10 @@ def test_bad_input_is_rejected(x, match):
         ({"residual": "vlad"}, "residual must be one of"),
         ({"fusion": "mean"}, "fusion must be one of"),
         ({"temperature": 2.0}, "temperature must lie strictly inside"),
-        ({"diversity_weight": -1.0}, "diversity_weight must be >= 0"),
+        ({"diversity_weight": -1.0}, "diversity_weight must be a finite number >= 0"),
         ({"projection_dim": -3}, "projection_dim must be a positive int"),
+        ({"projection_dim": False}, "projection_dim must be a positive int"),
+        ({"diversity_weight": float("nan")}, "diversity_weight must be a finite number"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, match):
@@ -355,3 +357,9 @@ def test_multi_head_shares_options_and_records_head_attributes():
 def test_multi_head_bad_heads(heads, match):
     with pytest.raises(ValueError, match=match):
         MultiHeadCRT(8, heads=heads)
+
+
+def test_numpy_integers_are_accepted():
+    np = pytest.importorskip("numpy")
+    module = CRT(np.int64(8), np.int64(4), np.int64(2))
+    assert module(torch.randn(1, 8, 2, 2)).shape == (1, 4)

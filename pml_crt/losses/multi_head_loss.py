@@ -11,7 +11,7 @@ import torch
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.miners import BaseMiner
 
-from ..utils.validation import check_embedding_sizes, check_embeddings, split_heads
+from ..utils.validation import check_embedding_sizes, check_embeddings, check_number, split_heads
 from .similarity_consistency_loss import SimilarityConsistencyLoss
 
 LossSpec = torch.nn.Module | Callable[[int], torch.nn.Module] | Sequence[torch.nn.Module]
@@ -99,15 +99,7 @@ class MultiHeadLoss(BaseMetricLossFunction):
                 "or to the consistency loss (consistency={'distance': ...})"
             )
         sizes = check_embedding_sizes(embedding_sizes)
-        if (
-            isinstance(consistency_weight, bool)
-            or not isinstance(consistency_weight, (int, float))
-            or not math.isfinite(consistency_weight)
-            or consistency_weight < 0
-        ):
-            raise ValueError(
-                f"consistency_weight must be a non-negative number, got {consistency_weight!r}"
-            )
+        check_number(consistency_weight, "consistency_weight", at_least=0.0)
         # _sub_loss_names() is needed by the reducer set up in super().__init__.
         self.num_heads = len(sizes)
         self.has_consistency = self.num_heads >= 2 and consistency_weight > 0

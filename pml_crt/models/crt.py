@@ -16,7 +16,13 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.utils.module_with_records import ModuleWithRecords
 
-from ..utils.validation import check_choice, check_positive_int, feature_map_to_tokens
+from ..utils.validation import (
+    check_choice,
+    check_number,
+    check_positive_int,
+    feature_map_to_tokens,
+)
+from .input_projection import input_projection
 
 Assignment = Literal["prototypes", "positions"]
 Residual = Literal["orthogonal", "prototype"]
@@ -126,20 +132,9 @@ class CRT(ModuleWithRecords):
                 f"0 < T_min < temperature < T_max; got temperature={temperature}, "
                 f"temperature_bounds={temperature_bounds}"
             )
-        if diversity_weight < 0:
-            raise ValueError(f"diversity_weight must be >= 0, got {diversity_weight}")
+        check_number(diversity_weight, "diversity_weight", at_least=0.0)
 
-        if projection_dim is None:
-            projection_dim = min(in_channels, 512)
-        if projection_dim == 0:
-            self.projection: torch.nn.Module = torch.nn.Identity()
-            projection_dim = in_channels
-        else:
-            check_positive_int(projection_dim, "projection_dim")
-            self.projection = torch.nn.Sequential(
-                torch.nn.Linear(in_channels, projection_dim),
-                torch.nn.LayerNorm(projection_dim),
-            )
+        self.projection, projection_dim = input_projection(in_channels, projection_dim)
 
         self.in_channels = in_channels
         self.embedding_size = embedding_size

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.utils.module_with_records import ModuleWithRecords
 
-from ..utils.validation import check_choice, check_positive_int, feature_map_to_tokens
+from ..utils.validation import check_choice, check_number, check_positive_int, feature_map_to_tokens
 
 Pooling = Literal["avg", "max", "gem"]
 
@@ -72,12 +72,8 @@ class GlobalPoolEmbedder(ModuleWithRecords):
         if embedding_size is not None:
             check_positive_int(embedding_size, "embedding_size")
         check_choice(pooling, "pooling", ("avg", "max", "gem"))
-        if not (isinstance(gem_p, (int, float)) and not isinstance(gem_p, bool)) or not (
-            1.0 < float(gem_p) < math.inf
-        ):
-            raise ValueError(f"gem_p must be a finite number > 1, got {gem_p!r}")
-        if not (isinstance(gem_eps, (int, float)) and 0.0 < float(gem_eps) < math.inf):
-            raise ValueError(f"gem_eps must be a finite number > 0, got {gem_eps!r}")
+        check_number(gem_p, "gem_p", greater_than=1.0)
+        check_number(gem_eps, "gem_eps", greater_than=0.0)
 
         self.in_channels = in_channels
         self.embedding_size = in_channels if embedding_size is None else embedding_size

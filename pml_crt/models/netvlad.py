@@ -7,13 +7,17 @@ of clusters/prototypes ``K`` and descriptor width ``d``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.utils.module_with_records import ModuleWithRecords
 
-from ..utils.validation import check_positive_int, check_tensor, feature_map_to_tokens
+from ..utils.validation import (
+    check_number,
+    check_positive_int,
+    check_tensor,
+    feature_map_to_tokens,
+)
+from .input_projection import input_projection
 
 _EPS = 1e-12
 
@@ -78,28 +82,10 @@ class NetVLAD(ModuleWithRecords):
         if embedding_size is not None:
             check_positive_int(embedding_size, "embedding_size")
         check_positive_int(num_clusters, "num_clusters")
-        if alpha is not None and not (
-            isinstance(alpha, (int, float))
-            and not isinstance(alpha, bool)
-            and 0.0 < float(alpha) < math.inf
-        ):
-            raise ValueError(f"alpha must be None or a finite number > 0, got {alpha!r}")
+        if alpha is not None:
+            check_number(alpha, "alpha", greater_than=0.0)
 
-        if projection_dim is None:
-            projection_dim = min(in_channels, 512)
-        if (
-            isinstance(projection_dim, int)
-            and not isinstance(projection_dim, bool)
-            and projection_dim == 0
-        ):
-            self.projection: torch.nn.Module = torch.nn.Identity()
-            projection_dim = in_channels
-        else:
-            check_positive_int(projection_dim, "projection_dim")
-            self.projection = torch.nn.Sequential(
-                torch.nn.Linear(in_channels, projection_dim),
-                torch.nn.LayerNorm(projection_dim),
-            )
+        self.projection, projection_dim = input_projection(in_channels, projection_dim)
 
         self.in_channels = in_channels
         self.num_clusters = num_clusters
@@ -156,8 +142,8 @@ class NetVLAD(ModuleWithRecords):
             )
         if not bool(torch.isfinite(centroids).all()):
             raise ValueError("centroids contains NaN or infinite values")
-        if alpha is not None and not 0.0 < float(alpha) < math.inf:
-            raise ValueError(f"alpha must be None or a finite number > 0, got {alpha!r}")
+        if alpha is not None:
+            check_number(alpha, "alpha", greater_than=0.0)
         self.centroids.copy_(centroids)
         alpha = self.alpha if alpha is None else float(alpha)
         if alpha is not None:

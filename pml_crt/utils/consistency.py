@@ -18,7 +18,13 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.distances import BaseDistance, CosineSimilarity
 
-from .validation import check_choice, check_embedding_sizes, check_embeddings, split_heads
+from .validation import (
+    check_choice,
+    check_embedding_sizes,
+    check_embeddings,
+    check_number,
+    split_heads,
+)
 
 Mode = Literal["mse", "l1", "kl"]
 StopGradient = Literal["first", "larger"] | None
@@ -47,12 +53,7 @@ def check_consistency_options(
         )
     check_choice(mode, "mode", MODES)
     check_choice(stop_gradient, "stop_gradient", STOP_GRADIENTS)
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
-        or not temperature > 0
-    ):
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    check_number(temperature, "temperature", greater_than=0.0)
     if distance is not None and not isinstance(distance, BaseDistance):
         raise TypeError(
             "distance must be a pytorch_metric_learning.distances.BaseDistance, "

@@ -7,6 +7,8 @@ wrong answer or a NaN further down.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -22,9 +24,42 @@ def check_tensor(x: object, name: str) -> torch.Tensor:
 
 
 def check_positive_int(value: object, name: str) -> None:
-    """Raise ``ValueError`` unless ``value`` is a positive int."""
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    """Raise ``ValueError`` unless ``value`` is a positive integer (numpy ints too, not bools)."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_number(
+    value: object,
+    name: str,
+    *,
+    greater_than: float | None = None,
+    at_least: float | None = None,
+) -> float:
+    """Return ``value`` as a float, or raise unless it is a finite real number in range.
+
+    Args:
+        value: the argument to check (bools are rejected).
+        name: the argument name used in the error message.
+        greater_than: exclusive lower bound, if any.
+        at_least: inclusive lower bound, if any.
+    """
+    bounds = []
+    if greater_than is not None:
+        bounds.append(f"> {greater_than:g}")
+    if at_least is not None:
+        bounds.append(f">= {at_least:g}")
+    expected = "a finite number" + (" " + " and ".join(bounds) if bounds else "")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    number = float(value)
+    if (
+        not math.isfinite(number)
+        or (greater_than is not None and not number > greater_than)
+        or (at_least is not None and not number >= at_least)
+    ):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return number
 
 
 def check_choice(value: object, name: str, choices: tuple[str, ...]) -> None:
@@ -89,7 +124,7 @@ def check_embedding_sizes(
         raise TypeError(f"{name} must be a sequence of ints, got {embedding_sizes!r}")
     sizes = list(embedding_sizes)
     if len(sizes) == 0 or not all(
-        isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes
+        isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in sizes
     ):
         raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {sizes}")
     return sizes
