@@ -250,7 +250,7 @@ def test_list_of_losses_one_per_head():
 def test_repeated_parameterless_instance_in_list_is_copied():
     shared = losses.ContrastiveLoss()
     loss = MultiHeadLoss([shared, shared, shared], SIZES)
-    assert loss.losses[0] is shared and loss.losses[1] is not shared
+    assert loss.losses["head0"] is shared and loss.losses["head1"] is not shared
 
 
 @pytest.mark.parametrize(

@@ -107,7 +107,11 @@ class MultiHeadLoss(BaseMetricLossFunction):
         self.embedding_sizes = sizes
         self.consistency_weight = float(consistency_weight)
         self.head_weights = self._build_head_weights(head_weights)
-        self.losses = torch.nn.ModuleList(self._build_losses(loss))
+        # Keys, not list indices: record-keeper names its sqlite tables after them,
+        # and a table name may not start with a digit.
+        self.losses = torch.nn.ModuleDict(
+            {f"head{i}": head_loss for i, head_loss in enumerate(self._build_losses(loss))}
+        )
         self.miners = self._build_miners(miner)
         self.consistency = self._build_consistency(consistency)
         for i, weight in enumerate(self.head_weights):
@@ -289,7 +293,9 @@ class MultiHeadLoss(BaseMetricLossFunction):
                 "ref_emb": ref_head,
                 "ref_labels": ref_labels,
             }
-            value = self.losses[i](head, **{k: v for k, v in arguments.items() if v is not None})
+            value = self.losses[f"head{i}"](
+                head, **{k: v for k, v in arguments.items() if v is not None}
+            )
             self._record(f"head{i}_loss", value)
             loss_dict[f"head{i}_loss"] = _already_reduced(value * self.head_weights[i])
         if self.consistency is not None:
