@@ -2,5 +2,14 @@
 
 from . import validation
 from .accuracy import faiss_available, make_accuracy_calculator, make_knn_func
+from .analysis_metrics import AnalysisAccuracyCalculator, embedding_density, spectral_decay
 
-__all__ = ["faiss_available", "make_accuracy_calculator", "make_knn_func", "validation"]
+__all__ = [
+    "AnalysisAccuracyCalculator",
+    "embedding_density",
+    "faiss_available",
+    "make_accuracy_calculator",
+    "make_knn_func",
+    "spectral_decay",
+    "validation",
+]
