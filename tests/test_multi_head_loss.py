@@ -198,8 +198,8 @@ def test_single_instance_is_deep_copied():
     template = losses.MultiSimilarityLoss(alpha=3)
     loss = MultiHeadLoss(template, SIZES)
     assert len(loss.losses) == 3
-    assert len({id(m) for m in loss.losses} | {id(template)}) == 4
-    assert all(m.alpha == 3 for m in loss.losses)
+    assert len({id(m) for m in loss.losses.values()} | {id(template)}) == 4
+    assert all(m.alpha == 3 for m in loss.losses.values())
 
 
 @pytest.mark.parametrize(
@@ -215,7 +215,7 @@ def test_parametric_losses_via_factory_get_their_own_parameters(factory):
     x, y = _batch()
     x.requires_grad_()
     loss = MultiHeadLoss(factory, SIZES)
-    params = [list(m.parameters()) for m in loss.losses]
+    params = [list(m.parameters()) for m in loss.losses.values()]
     assert all(len(p) == 1 for p in params)
     for p, size in zip(params, SIZES, strict=True):
         assert size in p[0].shape
@@ -223,7 +223,7 @@ def test_parametric_losses_via_factory_get_their_own_parameters(factory):
     assert all(id(p[0]) in owned for p in params)
     assert len({id(p[0]) for p in params}) == 3
 
-    expected = sum(m(z, y) for m, z in zip(loss.losses, _slices(x), strict=True))
+    expected = sum(m(z, y) for m, z in zip(loss.losses.values(), _slices(x), strict=True))
     torch.testing.assert_close(loss(x, y), expected + _hand_consistency(x))
 
     before = [p[0].detach().clone() for p in params]
@@ -242,7 +242,7 @@ def test_list_of_losses_one_per_head():
         losses.ProxyNCALoss(NUM_CLASSES, 6),
     ]
     loss = MultiHeadLoss(per_head, SIZES)
-    assert all(a is b for a, b in zip(loss.losses, per_head, strict=True))
+    assert all(a is b for a, b in zip(loss.losses.values(), per_head, strict=True))
     expected = sum(m(z, y) for m, z in zip(per_head, _slices(x), strict=True))
     torch.testing.assert_close(loss(x, y), expected + _hand_consistency(x))
 
