@@ -8,6 +8,7 @@ from typing import Any
 
 from PIL import Image
 from pytorch_metric_learning.datasets import CUB
+from torchvision.transforms import Compose
 
 from .class_subset import ClassSubset, select_classes
 
@@ -22,19 +23,6 @@ class ToRGB:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
-
-
-class _Compose:
-    def __init__(self, *transforms: Callable[[Any], Any]) -> None:
-        self.transforms = transforms
-
-    def __call__(self, x: Any) -> Any:
-        for transform in self.transforms:
-            x = transform(x)
-        return x
-
-    def __repr__(self) -> str:
-        return f"Compose({', '.join(repr(t) for t in self.transforms)})"
 
 
 def cub(
@@ -73,7 +61,7 @@ def cub(
         ``class_ids`` attribute gives each label's original CUB class id.
     """
     rgb_transform: Callable[[Image.Image], Any] = (
-        ToRGB() if transform is None else _Compose(ToRGB(), transform)
+        ToRGB() if transform is None else Compose([ToRGB(), transform])
     )
     dataset = CUB(
         root=str(root),
