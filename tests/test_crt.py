@@ -313,6 +313,7 @@ def test_bad_input_is_rejected(x, match):
         ({"diversity_weight": -1.0}, "diversity_weight must be a finite number >= 0"),
         ({"projection_dim": -3}, "projection_dim must be a positive int"),
         ({"projection_dim": False}, "projection_dim must be a positive int"),
+        ({"projection_dim": 1}, r'residual="orthogonal" needs a feature width d >= 2'),
         ({"diversity_weight": float("nan")}, "diversity_weight must be a finite number"),
     ],
 )

@@ -135,6 +135,11 @@ class CRT(ModuleWithRecords):
         check_number(diversity_weight, "diversity_weight", at_least=0.0)
 
         self.projection, projection_dim = input_projection(in_channels, projection_dim)
+        if residual == "orthogonal" and projection_dim == 1:
+            raise ValueError(
+                'residual="orthogonal" needs a feature width d >= 2 (with d = 1 every residual '
+                "x - <x, p>p is zero); got projection_dim (or in_channels without projection) = 1"
+            )
 
         self.in_channels = in_channels
         self.embedding_size = embedding_size
@@ -206,7 +211,10 @@ class CRT(ModuleWithRecords):
             ``(B, K, d)``.
         """
         tokens = feature_map_to_tokens(x, self.in_channels, "x", self.check_inputs)
-        features = self.projection(tokens)  # (B, N, d)
+        return self._code(self.projection(tokens))
+
+    def _code(self, features: torch.Tensor) -> torch.Tensor:
+        """Coded residuals ``(B, K, d)`` of projected features ``(B, N, d)``."""
         unit_prototypes = F.normalize(self.prototypes, dim=1, eps=_EPS)  # (K, d)
         projections = features @ unit_prototypes.t()  # (B, N, K): <x_n, p̂_k>
         norms = features.norm(dim=-1, keepdim=True).clamp_min(_EPS)  # (B, N, 1)
@@ -222,6 +230,18 @@ class CRT(ModuleWithRecords):
             coded = weighted_sum - coefficients.unsqueeze(-1) * unit_prototypes
         return F.normalize(coded, dim=-1, eps=_EPS)
 
+    def _embed(self, coded: torch.Tensor) -> torch.Tensor:
+        """Fuse coded residuals ``(B, K, d)`` to ``(B, D)`` (plus the diversity gradient)."""
+        if self.fusion == "flatten":
+            embeddings = self.fuse(coded.flatten(1))
+        else:
+            embeddings = self.fuse(coded).sum(dim=1)
+        if self.diversity_weight > 0 and self.training and torch.is_grad_enabled():
+            penalty = self.diversity_penalty()
+            self.last_diversity_penalty = float(penalty.detach())
+            embeddings = _AddPenaltyGradient.apply(embeddings, penalty, self.diversity_weight)
+        return embeddings
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embed a feature map.
 
@@ -232,16 +252,7 @@ class CRT(ModuleWithRecords):
             ``(B, embedding_size)`` embeddings (not normalised; PML's distances
             and testers normalise).
         """
-        coded = self.coded_residuals(x)
-        if self.fusion == "flatten":
-            embeddings = self.fuse(coded.flatten(1))
-        else:
-            embeddings = self.fuse(coded).sum(dim=1)
-        if self.diversity_weight > 0 and self.training and torch.is_grad_enabled():
-            penalty = self.diversity_penalty()
-            self.last_diversity_penalty = float(penalty.detach())
-            embeddings = _AddPenaltyGradient.apply(embeddings, penalty, self.diversity_weight)
-        return embeddings
+        return self._embed(self.coded_residuals(x))
 
     def extra_repr(self) -> str:
         return (

@@ -68,8 +68,25 @@ def check_choice(value: object, name: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
+def is_graph_capture() -> bool:
+    """True while ``torch.export``, ``torch.jit.trace`` or ``torch.jit.script`` captures a graph.
+
+    A value check (``bool(tensor)``) is data-dependent: ``torch.export``
+    refuses it and a trace would bake its outcome in as a constant. Value
+    checks are therefore skipped during capture (the exported graph does not
+    check values); eager calls still check, and so does ``torch.compile``
+    (at the cost of a graph break; ``fullgraph=True`` needs ``check_inputs=False``).
+    """
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
+        return True
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.4
+    return is_exporting is not None and is_exporting()
+
+
 def check_finite(x: torch.Tensor, name: str) -> None:
-    """Raise ``ValueError`` if ``x`` holds NaN or infinite values."""
+    """Raise ``ValueError`` if ``x`` holds NaN or infinite values (not checked during export)."""
+    if is_graph_capture():
+        return
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or infinite values")
 
