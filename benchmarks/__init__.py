@@ -1,0 +1,1 @@
+"""Benchmarks of pml-crt: the MLRC protocol on stock PML parts (``python -m benchmarks.run``)."""

@@ -1,0 +1,285 @@
+"""Build the trunk, embedder, loss, miner and optimizers of one method from its config.
+
+Everything returned is a stock PML part or a pml-crt module: the runner hands
+them to ``trainers.MetricLossOnly`` and ``testers.GlobalEmbeddingSpaceTester``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from pytorch_metric_learning import distances, losses, miners, reducers, regularizers
+
+import pml_crt
+from pml_crt.losses import MultiHeadLoss
+from pml_crt.models import CRT, GlobalPoolEmbedder, MultiHeadCRT, NetVLAD
+from pml_crt.trunks import FeatureMapTrunk, SmallConvNet, available_trunks, feature_map_trunk
+
+__all__ = [
+    "EMBEDDERS",
+    "build_embedder",
+    "build_loss",
+    "build_optimizers",
+    "build_trunk",
+    "install_weights",
+    "is_frozen_method",
+    "trunk_is_cacheable",
+]
+
+EMBEDDERS: dict[str, type[torch.nn.Module]] = {
+    "GlobalPoolEmbedder": GlobalPoolEmbedder,
+    "NetVLAD": NetVLAD,
+    "CRT": CRT,
+    "MultiHeadCRT": MultiHeadCRT,
+}
+FROZEN = "frozen"
+
+# Loss kwargs that name other PML objects: {name: ..., kwargs: {...}} -> instance.
+_OBJECT_KWARGS = {
+    "distance": (distances,),
+    "reducer": (reducers,),
+    "embedding_regularizer": (regularizers, pml_crt.regularizers),
+    "weight_regularizer": (regularizers, pml_crt.regularizers),
+}
+
+
+def _lookup(name: str, modules: tuple[Any, ...], what: str) -> Any:
+    for module in modules:
+        if hasattr(module, name):
+            return getattr(module, name)
+    places = ", ".join(m.__name__ for m in modules)
+    raise ValueError(f"unknown {what} {name!r}: not found in {places}")
+
+
+def _object(spec: Any, modules: tuple[Any, ...], what: str) -> Any:
+    """``{name, kwargs}`` (or a bare name) -> an instance of the class ``name``."""
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, Mapping) or "name" not in spec:
+        raise ValueError(
+            f"{what} must be a class name or {{name: ..., kwargs: {{...}}}}, got {spec!r}"
+        )
+    extra = set(spec) - {"name", "kwargs"}
+    if extra:
+        raise ValueError(f"{what} {spec['name']!r} has unknown keys {sorted(extra)}")
+    return _lookup(spec["name"], modules, what)(**dict(spec.get("kwargs") or {}))
+
+
+def _accepts(cls: type, argument: str) -> bool:
+    """Whether ``cls(...)`` takes ``argument``, following ``*args/**kwargs`` up the MRO."""
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        parameters = inspect.signature(init).parameters
+        if argument in parameters:
+            return True
+        if not any(
+            p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+            for p in parameters.values()
+        ):
+            return False
+    return False
+
+
+@contextlib.contextmanager
+def _hub_dir(path: str | Path | None) -> Iterator[None]:
+    if path is None:
+        yield
+        return
+    previous = torch.hub.get_dir()
+    torch.hub.set_dir(str(path))
+    try:
+        yield
+    finally:
+        torch.hub.set_dir(previous)
+
+
+def install_weights(name: str, weights: str, weights_path: str | Path, hub_dir: str | Path) -> Path:
+    """Put a local weights file where torchvision's builder looks for ``weights``.
+
+    Copies ``weights_path`` to ``hub_dir/checkpoints/<file name of the weights URL>``
+    (unless that file already exists), so that building the model with
+    ``weights=...`` under ``torch.hub.set_dir(hub_dir)`` loads it through
+    torchvision's own code path, with no download.
+    """
+    source = Path(weights_path).expanduser()
+    if not source.is_file():
+        raise FileNotFoundError(f"trunk.weights_path {str(source)!r} is not a file")
+    enum = torchvision.models.get_model_weights(name).verify(weights)
+    target = Path(hub_dir) / "checkpoints" / Path(enum.url).name
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.copyfile(source, tmp)
+        tmp.replace(target)
+    return target
+
+
+def build_trunk(
+    config: Mapping[str, Any], in_channels: int, hub_dir: str | Path | None
+) -> torch.nn.Module:
+    """The trunk of the ``trunk`` config section; it has an ``out_channels`` attribute.
+
+    ``small_convnet`` is :class:`pml_crt.trunks.SmallConvNet` (random
+    initialisation); other names are torchvision backbones through
+    :func:`pml_crt.trunks.feature_map_trunk`.
+    """
+    name = config["name"]
+    kwargs = dict(config.get("kwargs") or {})
+    if name == "small_convnet":
+        if config.get("weights") or config.get("frozen_blocks"):
+            raise ValueError("small_convnet has no pretrained weights nor blocks to freeze")
+        return SmallConvNet(in_channels, **kwargs)
+    if name not in available_trunks():
+        raise ValueError(
+            f"trunk.name must be small_convnet or one of {available_trunks()}, got {name!r}"
+        )
+    if in_channels != 3:
+        raise ValueError(
+            f"torchvision trunks need 3-channel images; this dataset has {in_channels}"
+        )
+    weights = config.get("weights")
+    if config.get("weights_path"):
+        if weights is None:
+            raise ValueError("trunk.weights_path needs trunk.weights (e.g. IMAGENET1K_V1)")
+        if hub_dir is None:
+            raise ValueError("trunk.weights_path needs a hub_dir")
+        install_weights(name, weights, config["weights_path"], hub_dir)
+    with _hub_dir(hub_dir if config.get("weights_path") else None):
+        return feature_map_trunk(
+            name,
+            weights,
+            freeze_batchnorm=bool(config.get("freeze_batchnorm", False)),
+            frozen_blocks=config.get("frozen_blocks", 0) or 0,
+            progress=False,
+            **kwargs,
+        )
+
+
+def is_frozen_method(config: Mapping[str, Any]) -> bool:
+    """Whether the method is the untrained baseline (trunk + global average pooling)."""
+    return config["embedder"]["type"] == FROZEN
+
+
+def build_embedder(config: Mapping[str, Any], in_channels: int) -> torch.nn.Module:
+    """The embedder of the ``embedder`` section (``type`` + ``kwargs``) on ``in_channels``.
+
+    ``frozen`` is ``GlobalPoolEmbedder(in_channels, None)``: global pooling
+    (``kwargs.pooling``, default avg), no Linear, no training.
+    """
+    kind = config["type"]
+    kwargs = dict(config.get("kwargs") or {})
+    if kind == FROZEN:
+        return GlobalPoolEmbedder(in_channels, None, pooling=kwargs.pop("pooling", "avg"), **kwargs)
+    if kind not in EMBEDDERS:
+        raise ValueError(f"embedder.type must be one of {[*EMBEDDERS, FROZEN]}, got {kind!r}")
+    return EMBEDDERS[kind](in_channels, **kwargs)
+
+
+def build_loss(
+    config: Mapping[str, Any], embedder: torch.nn.Module, num_classes: int
+) -> tuple[dict[str, torch.nn.Module], dict[str, torch.nn.Module]]:
+    """The trainer's ``loss_funcs`` and ``mining_funcs`` for one method.
+
+    ``loss.name`` is a class of ``pytorch_metric_learning.losses`` (or
+    ``pml_crt.losses``); ``num_classes`` and ``embedding_size`` are filled in
+    when the class takes them and ``loss.kwargs`` does not set them. Kwargs
+    ``distance``, ``reducer``, ``embedding_regularizer`` and
+    ``weight_regularizer`` may be ``{name, kwargs}`` specs. ``miner`` is
+    ``None`` or a ``{name, kwargs}`` spec of ``pytorch_metric_learning.miners``.
+
+    With a :class:`MultiHeadCRT` embedder the loss is
+    ``MultiHeadLoss(factory, embedder.embedding_sizes, consistency_weight=...,
+    consistency=..., miner=..., head_weights=...)``: one loss per head, built
+    by the factory for that head's width, and the miner mines each head's
+    slice (so there is no trainer ``tuple_miner``).
+    """
+    loss_config = config["loss"]
+    cls = _lookup(loss_config["name"], (losses, pml_crt.losses), "loss")
+    kwargs = dict(loss_config.get("kwargs") or {})
+    for key, modules in _OBJECT_KWARGS.items():
+        if isinstance(kwargs.get(key), (Mapping, str)):
+            kwargs[key] = _object(kwargs[key], modules, key)
+    miner = None
+    if config.get("miner"):
+        miner = _object(config["miner"], (miners,), "miner")
+
+    def make(embedding_size: int) -> torch.nn.Module:
+        filled = dict(kwargs)
+        if _accepts(cls, "num_classes"):
+            filled.setdefault("num_classes", num_classes)
+        for size_name in ("embedding_size", "descriptors_dim"):
+            if _accepts(cls, size_name):
+                filled.setdefault(size_name, embedding_size)
+        return cls(**filled)
+
+    if isinstance(embedder, MultiHeadCRT):
+        loss = MultiHeadLoss(
+            make,
+            embedder.embedding_sizes,
+            consistency_weight=float(loss_config.get("consistency_weight", 1.0)),
+            consistency=loss_config.get("consistency"),
+            miner=miner,
+            head_weights=loss_config.get("head_weights"),
+        )
+        return {"metric_loss": loss}, {}
+    loss = make(int(embedder.embedding_size))
+    return {"metric_loss": loss}, ({"tuple_miner": miner} if miner is not None else {})
+
+
+def _optimizer(
+    spec: Mapping[str, Any], parameters: list[torch.nn.Parameter]
+) -> torch.optim.Optimizer:
+    cls = _lookup(spec["name"], (torch.optim,), "optimizer")
+    return cls(parameters, **dict(spec.get("kwargs") or {}))
+
+
+def build_optimizers(
+    config: Mapping[str, Any],
+    models: Mapping[str, torch.nn.Module],
+    loss_funcs: Mapping[str, torch.nn.Module],
+) -> dict[str, torch.optim.Optimizer]:
+    """``{"<key>_optimizer": optimizer}`` for every part with trainable parameters.
+
+    ``optimizers.<key>`` (``trunk``, ``embedder``, ``metric_loss``) or else
+    ``optimizers.default``: ``{name: <torch.optim class>, kwargs: {...}}``.
+    ``None`` freezes that part (its parameters get ``requires_grad=False``).
+    Parameters that are already frozen (frozen trunk blocks, frozen
+    BatchNorm) are left out.
+    """
+    specs = config["optimizers"]
+    optimizers = {}
+    for key, module in {**models, **loss_funcs}.items():
+        parameters = [p for p in module.parameters() if p.requires_grad]
+        if not parameters:
+            continue
+        spec = specs.get(key, specs.get("default"))
+        if spec is None:
+            module.requires_grad_(False)
+            continue
+        optimizers[f"{key}_optimizer"] = _optimizer(spec, parameters)
+    return optimizers
+
+
+def trunk_is_cacheable(trunk: torch.nn.Module, config: Mapping[str, Any]) -> bool:
+    """Whether the frozen first blocks of ``trunk`` can be run once and cached.
+
+    True for a pretrained :class:`FeatureMapTrunk` with ``frozen_blocks > 0``
+    when the training images are not randomly augmented and ``cache.features``
+    is on (the frozen blocks then give the same output every epoch).
+    """
+    return (
+        isinstance(trunk, FeatureMapTrunk)
+        and trunk.frozen_blocks > 0
+        and config["trunk"].get("weights") is not None
+        and bool(config["cache"].get("features", True))
+        and config["images"].get("augmentation", "none") == "none"
+    )

@@ -1,0 +1,284 @@
+"""Benchmark configuration: YAML files, defaults, ``--set`` overrides and methods.
+
+A config is a nested dict (see ``DEFAULTS`` for every key and its default and
+``benchmarks/README.md`` for the schema). ``methods`` maps a method name to a
+partial config that is deep-merged onto the rest of the config; see
+:func:`deep_merge` for the one rule that is not a plain recursive update.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "DEFAULTS",
+    "apply_override",
+    "deep_merge",
+    "load_config",
+    "method_config",
+    "method_names",
+    "parse_override",
+    "yaml_load",
+]
+
+DEFAULTS: dict[str, Any] = {
+    "name": None,  # run folder name; default: the config file's stem
+    "seeds": [0],
+    "num_folds": 4,
+    "folds": [0, 1, 2, 3],
+    "device": "auto",  # auto | cpu | cuda | cuda:N
+    "threads": None,  # torch.set_num_threads; None keeps torch's default
+    "dataset": {
+        "name": "omniglot",  # omniglot | cub | cars196 | sop
+        "root": "../shared/data",
+        "download": False,
+        "max_classes": None,  # keep only the first N sorted classes (tiny slices)
+    },
+    "images": {
+        "resize": 28,  # torchvision Resize (shorter side); None: keep the size
+        "crop": None,  # CenterCrop at eval (and train without augmentation)
+        "augmentation": "none",  # none | mlrc (RandomResizedCrop + flip on train data)
+        "rrc_scale": [0.16, 1.0],
+        "hflip": True,
+        "normalize": "imagenet",  # imagenet | invert (1 - x, Omniglot) | none
+    },
+    "cache": {
+        "images": True,  # decode + resize once into an in-memory uint8 tensor
+        "features": True,  # cache the frozen trunk blocks' outputs (no augmentation only)
+        "feature_dtype": "float32",
+    },
+    "trunk": {
+        "name": "small_convnet",  # small_convnet | a pml_crt.trunks.available_trunks() name
+        "weights": None,  # torchvision weights, e.g. IMAGENET1K_V1
+        "weights_path": None,  # a local .pth for `weights`, put into hub_dir/checkpoints
+        "hub_dir": None,  # torch hub dir for weights_path; default <out>/.torch_hub
+        "frozen_blocks": 0,
+        "freeze_batchnorm": False,
+        "kwargs": {},
+    },
+    "embedder": {
+        "type": "GlobalPoolEmbedder",  # GlobalPoolEmbedder | NetVLAD | CRT | MultiHeadCRT | frozen
+        "kwargs": {},
+    },
+    "loss": {
+        "name": "MultiSimilarityLoss",  # a class of pytorch_metric_learning.losses
+        "kwargs": {},
+        # MultiHeadCRT only: options of pml_crt.losses.MultiHeadLoss
+        "consistency_weight": 1.0,
+        "consistency": None,
+        "head_weights": None,
+    },
+    "miner": None,  # None or {"name": <pytorch_metric_learning.miners class>, "kwargs": {}}
+    "optimizers": {
+        # default for every model / parametric loss not listed; entries may be None (frozen)
+        "default": {"name": "Adam", "kwargs": {"lr": 1e-3}},
+    },
+    "training": {
+        "batch_size": 32,
+        "m": 4,
+        "iterations_per_epoch": 100,
+        "num_epochs": 10,
+        "patience": 2,  # early stopping on validation MAP@R (HookContainer)
+        "test_interval": 1,
+        "num_workers": 0,
+        "log_freq": 50,
+        "keep_checkpoints": "best",  # best | all
+    },
+    "eval": {
+        "batch_size": 256,
+        "metrics": [
+            "precision_at_1",
+            "r_precision",
+            "mean_average_precision_at_r",
+            "recall_at_1",
+            "recall_at_2",
+            "recall_at_4",
+            "recall_at_8",
+        ],
+        "primary_metric": "mean_average_precision_at_r",
+        "prefer_faiss": True,
+        "save_embeddings": True,  # needed for the "concatenated" evaluation
+    },
+    "methods": None,  # {method name: partial config merged onto the rest}
+}
+
+_NAMED_KEYS = ("type", "name")
+
+
+class _Loader(yaml.SafeLoader):
+    """A safe YAML loader that also reads ``1e-6`` (no dot) as a float."""
+
+
+_FLOAT = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+_Loader.yaml_implicit_resolvers = {
+    key: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
+    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+def yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` that also reads ``1e-6`` as a float (YAML 1.1 would keep a string)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def deep_merge(
+    base: Mapping[str, Any], override: Mapping[str, Any], replace_on_kind_change: bool = True
+) -> dict[str, Any]:
+    """``base`` updated recursively by ``override`` (neither is modified).
+
+    Dicts merge key by key; anything else (lists included) replaces. With
+    ``replace_on_kind_change`` (how methods merge onto the shared config), a
+    dict whose ``type`` or ``name`` differs from the one it would merge into
+    replaces it whole, so that a method switching ``embedder.type`` from
+    ``GlobalPoolEmbedder`` to ``MultiHeadCRT`` does not inherit ``pooling``
+    among its kwargs, nor a new optimizer the old one's kwargs.
+    """
+    merged = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        old = merged.get(key)
+        if (
+            isinstance(value, Mapping)
+            and isinstance(old, Mapping)
+            and not (replace_on_kind_change and _switches_kind(old, value))
+        ):
+            merged[key] = deep_merge(old, value, replace_on_kind_change)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _switches_kind(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    return any(k in new and k in old and new[k] != old[k] for k in _NAMED_KEYS)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"training.batch_size=64"`` -> ``(["training", "batch_size"], 64)``.
+
+    The value is parsed as YAML (``null``, ``true``, ``[0, 1]``, ``{lr: 1e-4}``,
+    ``1e-4``); anything YAML cannot parse stays a string.
+    """
+    if "=" not in text:
+        raise ValueError(f"an override must look like key.sub=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    keys = key.strip().split(".")
+    if not all(re.fullmatch(r"[A-Za-z0-9_\-]+", k) for k in keys):
+        raise ValueError(f"bad override key {key!r} in {text!r}")
+    try:
+        value = yaml_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return keys, value
+
+
+def apply_override(config: dict[str, Any], keys: list[str], value: Any) -> None:
+    """Set ``config[k0][k1]...[kn] = value`` in place, creating dicts on the way.
+
+    Integer keys index into lists (``methods.crt.embedder.kwargs.heads.0=[8, 64]``).
+    """
+    node: Any = config
+    for depth, key in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            node = node[int(key)]
+            continue
+        if node.get(key) is None:
+            node[key] = {}
+        elif not isinstance(node[key], (dict, list)):
+            path = ".".join(keys[: depth + 1])
+            raise ValueError(f"cannot set {'.'.join(keys)}: {path} is {node[key]!r}, not a dict")
+        node = node[key]
+    if isinstance(node, list):
+        node[int(keys[-1])] = value
+    else:
+        node[keys[-1]] = value
+
+
+def _check_keys(config: Mapping[str, Any], reference: Mapping[str, Any], where: str) -> None:
+    for key, value in config.items():
+        if key not in reference:
+            close = difflib.get_close_matches(str(key), [str(k) for k in reference], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown config key {where}{key!r}{hint}")
+        ref = reference[key]
+        # Sections with free-form contents are not checked below their top level.
+        if isinstance(ref, dict) and isinstance(value, Mapping) and key not in _FREE_FORM:
+            _check_keys(value, ref, f"{where}{key}.")
+
+
+_FREE_FORM = {"kwargs", "optimizers", "consistency", "miner", "methods"}
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    data: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``DEFAULTS``, updated by the YAML file at ``path``, then ``data``, then ``overrides``.
+
+    Missing keys take their defaults (also where a section switches its
+    ``name``, e.g. ``dataset.name: cub`` keeps the default ``dataset.root``).
+
+    Unknown keys raise ``ValueError`` (with a "did you mean" hint), also inside
+    each method's partial config.
+    """
+    config = copy.deepcopy(DEFAULTS)
+    user: dict[str, Any] = {}
+    if path is not None:
+        user = yaml_load(Path(path).read_text()) or {}
+        if not isinstance(user, dict):
+            raise ValueError(f"{path} must hold a YAML mapping, got {type(user).__name__}")
+    if data is not None:
+        user = deep_merge(user, data, replace_on_kind_change=False)
+    for text in overrides:
+        keys, value = parse_override(text)
+        apply_override(user, keys, value)
+    _check_keys(user, DEFAULTS, "")
+    config = deep_merge(config, user, replace_on_kind_change=False)
+    if config["name"] is None:
+        config["name"] = Path(path).stem if path is not None else "benchmark"
+    methods = config.get("methods")
+    if methods is not None:
+        if not isinstance(methods, Mapping) or not methods:
+            raise ValueError("methods must be a non-empty mapping {name: partial config}")
+        for name, partial in methods.items():
+            if not re.fullmatch(r"[A-Za-z0-9_.\-]+", str(name)):
+                raise ValueError(f"method name {name!r} must be usable as a folder name")
+            _check_keys(partial or {}, DEFAULTS, f"methods.{name}.")
+            for forbidden in ("methods", "seeds", "folds", "num_folds", "name", "dataset"):
+                if forbidden in (partial or {}):
+                    raise ValueError(
+                        f"methods.{name} sets {forbidden!r}: every method shares the protocol"
+                    )
+    return config
+
+
+def method_names(config: Mapping[str, Any]) -> list[str]:
+    """The method names in config order (without ``methods``: the embedder type)."""
+    if config.get("methods"):
+        return [str(name) for name in config["methods"]]
+    return [str(config["embedder"]["type"])]
+
+
+def method_config(config: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The config of one method: ``methods[name]`` merged onto the rest, without ``methods``."""
+    base = {k: v for k, v in config.items() if k != "methods"}
+    methods = config.get("methods") or {}
+    if methods and name not in methods:
+        raise KeyError(f"no method {name!r}; the config has {list(methods)}")
+    resolved = deep_merge(base, methods.get(name) or {})
+    resolved["method"] = name
+    return resolved

@@ -1,0 +1,811 @@
+"""Run a benchmark config: the MLRC protocol with stock PML parts.
+
+    python -m benchmarks.run --config benchmarks/configs/omniglot_quick.yaml
+    python -m benchmarks.run --config benchmarks/configs/cub_compare.yaml \\
+        --set seeds=[0,1] --set training.num_epochs=5 --out runs/
+
+For every seed, method and fold (a "unit") it trains with
+``trainers.MetricLossOnly`` (``MPerClassSampler`` batches, the method's PML
+loss and miner), validates every ``test_interval`` epochs with
+``testers.GlobalEmbeddingSpaceTester`` through ``logging_presets.HookContainer``
+(record-keeper logs, best checkpoint by validation MAP@R, early stopping with
+``patience``), reloads the best checkpoint and evaluates it on the test
+classes. Results land in ``<out>/<config name>/<method>/seed<k>/fold<p>/``;
+a unit whose ``results.json`` exists is skipped, so an interrupted run is
+resumed by running the same command again. At the end the per-fold results
+are combined ("separate": mean over fold models; "concatenated": the fold
+models' L2-normalised embeddings concatenated) and a markdown table (mean ±
+95% CI over seeds) is printed and written to ``table.md`` and ``results.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from pytorch_metric_learning import samplers, testers, trainers
+from pytorch_metric_learning.utils import logging_presets
+
+import pml_crt
+from pml_crt.utils import make_accuracy_calculator
+from pml_crt.utils.stats import format_mean_ci, mean_ci95
+
+from .build import (
+    build_embedder,
+    build_loss,
+    build_optimizers,
+    build_trunk,
+    is_frozen_method,
+    trunk_is_cacheable,
+)
+from .cache import CachedDataset, TrunkTail, cache_dataset, cache_module_outputs, frozen_prefix
+from .config import load_config, method_config, method_names
+from .data import Source, ToFloat, TransformedDataset, class_subset, load_source, pil_transform
+from .metrics import BenchmarkAccuracyCalculator
+from .splits import FoldSplit, mlrc_split
+
+__all__ = ["DataPipeline", "aggregate", "main", "results_table", "run_benchmark", "run_unit"]
+
+TABLE_METRICS = {
+    "precision_at_1": "P@1",
+    "r_precision": "R-Precision",
+    "mean_average_precision_at_r": "MAP@R",
+    "recall_at_1": "R@1",
+}
+# Keys that do not change a unit's results: a re-run may differ in them and still skip.
+_NON_SEMANTIC = {
+    ("seeds",),  # a unit is one (seed, fold): the lists of others may grow
+    ("folds",),
+    ("threads",),
+    ("device",),
+    ("dataset", "root"),
+    ("dataset", "download"),
+    ("trunk", "weights_path"),
+    ("trunk", "hub_dir"),
+    ("training", "num_workers"),
+    ("training", "log_freq"),
+    ("eval", "batch_size"),
+    ("eval", "prefer_faiss"),
+}
+RESULTS = "results.json"
+EMBEDDINGS = "test_embeddings.pt"
+
+Log = Callable[[str], None]
+
+
+# --------------------------------------------------------------------------- files
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` through a temporary file and ``os.replace``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _git_commit() -> str | None:
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def environment(seed: int | None = None, device: torch.device | None = None) -> dict[str, Any]:
+    """Versions, machine and threads, for ``env.json``."""
+    import pytorch_metric_learning
+    import torchvision
+
+    try:
+        import faiss
+
+        faiss_version = getattr(faiss, "__version__", "unknown")
+    except ImportError:
+        faiss_version = None
+    env = {
+        "seed": seed,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "pytorch_metric_learning": pytorch_metric_learning.__version__,
+        "pml_crt": pml_crt.__version__,
+        "faiss": faiss_version,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device) if device is not None else None,
+        "cuda": torch.cuda.get_device_name(device)
+        if device is not None and device.type == "cuda"
+        else None,
+        "git_commit": _git_commit(),
+        "command": " ".join(sys.argv),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    return env
+
+
+def _semantic(config: Mapping[str, Any]) -> dict[str, Any]:
+    config = json.loads(json.dumps(config))
+    for path in _NON_SEMANTIC:
+        node = config
+        for key in path[:-1]:
+            node = node.get(key) or {}
+        if isinstance(node, dict):
+            node.pop(path[-1], None)
+    return config
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(sum(values) / len(values))
+
+
+# --------------------------------------------------------------------------- data
+
+
+class DataPipeline:
+    """Loads a dataset once per process and hands out (cached) image and feature datasets.
+
+    Every dataset it returns covers all images of the source, labelled by class
+    position, with float tensors as inputs; :func:`class_subset` then picks a
+    fold's classes without copying.
+    """
+
+    def __init__(self, dataset_config: Mapping[str, Any], log: Log = print, progress: bool = True):
+        self.dataset_config = dict(dataset_config)
+        self.log = log
+        self.progress = progress
+        self._source: Source | None = None
+        self._images: dict[str, Any] = {}
+        self._features: dict[str, CachedDataset] = {}
+
+    @property
+    def source(self) -> Source:
+        if self._source is None:
+            self._source = load_source(self.dataset_config)
+            self.log(
+                f"{self._source.name}: {self._source.num_classes} classes, "
+                f"{len(self._source.labels)} images"
+            )
+        return self._source
+
+    def images(self, config: Mapping[str, Any], train: bool) -> Any:
+        """All images as float tensors: cached ``uint8`` unless randomly augmented."""
+        images, cache = config["images"], config["cache"]
+        finish = ToFloat(images.get("normalize", "imagenet"))
+        if train and images.get("augmentation", "none") != "none":
+            return TransformedDataset(
+                self.source.dataset, _Compose(pil_transform(images, True), finish)
+            )
+        deterministic = {k: images.get(k) for k in ("resize", "crop", "normalize")}
+        key = json.dumps([deterministic, bool(cache.get("images", True))], sort_keys=True)
+        if key not in self._images:
+            decode = TransformedDataset(self.source.dataset, pil_transform(images, False))
+            if cache.get("images", True):
+                start = time.time()
+                cached = cache_dataset(
+                    decode,
+                    finish,
+                    batch_size=256,
+                    num_workers=int(config["training"].get("num_workers", 0)),
+                    desc="decoding images",
+                    progress=self.progress,
+                )
+                self.log(
+                    f"cached {len(cached)} images {tuple(cached.data.shape[1:])} uint8 "
+                    f"({cached.data.numel() / 2**20:.0f} MiB) in {time.time() - start:.1f} s"
+                )
+                self._images[key] = cached
+            else:
+                self._images[key] = TransformedDataset(
+                    self.source.dataset, _Compose(pil_transform(images, False), finish)
+                )
+        return self._images[key]
+
+    def features(
+        self, config: Mapping[str, Any], trunk: torch.nn.Module, device: torch.device
+    ) -> CachedDataset:
+        """The frozen first blocks of ``trunk`` run once over all (eval-transformed) images."""
+        dtype = getattr(torch, str(config["cache"].get("feature_dtype", "float32")))
+        key = json.dumps(
+            [
+                {k: config["trunk"].get(k) for k in ("name", "weights", "frozen_blocks", "kwargs")},
+                {k: config["images"].get(k) for k in ("resize", "crop", "normalize")},
+                str(dtype),
+            ],
+            sort_keys=True,
+        )
+        if key not in self._features:
+            start = time.time()
+            features = cache_module_outputs(
+                frozen_prefix(trunk),
+                self.images(config, train=False),
+                batch_size=int(config["eval"]["batch_size"]),
+                device=device,
+                dtype=dtype,
+                desc="caching frozen trunk blocks",
+                progress=self.progress,
+            )
+            self.log(
+                f"cached the output of {trunk.frozen_blocks} frozen trunk blocks "
+                f"{tuple(features.data.shape[1:])} {dtype} "
+                f"({features.data.numel() * features.data.element_size() / 2**20:.0f} MiB) "
+                f"in {time.time() - start:.1f} s"
+            )
+            if dtype != torch.float32:
+                features.transform = _ToFloat32()
+            self._features[key] = features
+        return self._features[key]
+
+
+class _Compose:
+    def __init__(self, *steps: Callable[[Any], Any]) -> None:
+        self.steps = steps
+
+    def __call__(self, x: Any) -> Any:
+        for step in self.steps:
+            x = step(x)
+        return x
+
+
+class _ToFloat32:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float()
+
+
+# --------------------------------------------------------------------------- one unit
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Python, NumPy (PML's samplers draw from ``np.random``) and torch RNGs."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def unit_folds(config: Mapping[str, Any]) -> list[int]:
+    """The folds a method runs: all of ``folds``, or only the first for the frozen baseline.
+
+    The frozen baseline never sees training data, so its fold models would
+    be identical.
+    """
+    folds = [int(f) for f in config["folds"]]
+    return folds[:1] if is_frozen_method(config) else folds
+
+
+def unit_dir(root: Path, method: str, seed: int, fold: int) -> Path:
+    return root / method / f"seed{seed}" / f"fold{fold}"
+
+
+def _metrics(accuracies: Mapping[str, Any], names: Sequence[str]) -> dict[str, float]:
+    out = {}
+    for name in names:
+        for key in (f"{name}_level0", name):
+            if key in accuracies:
+                out[name] = float(accuracies[key])
+                break
+    return out
+
+
+def make_calculator(config: Mapping[str, Any]) -> BenchmarkAccuracyCalculator:
+    return make_accuracy_calculator(
+        include=tuple(config["eval"]["metrics"]),
+        k="max_bin_count",
+        prefer_faiss=bool(config["eval"].get("prefer_faiss", True)),
+        calculator_class=BenchmarkAccuracyCalculator,
+    )
+
+
+def _check_batch(split_name: str, classes: int, config: Mapping[str, Any]) -> None:
+    batch, m = int(config["training"]["batch_size"]), int(config["training"]["m"])
+    if batch % m or m * classes < batch:
+        raise ValueError(
+            f"training.batch_size={batch} must be a multiple of training.m={m} and at most "
+            f"m * (number of {split_name} classes = {classes}) = {m * classes}"
+        )
+
+
+def run_unit(
+    config: Mapping[str, Any],
+    seed: int,
+    fold: int,
+    folder: Path,
+    data: DataPipeline,
+    device: torch.device,
+    hub_dir: Path,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Train (unless frozen) and test one (method, seed, fold); write ``results.json``."""
+    if folder.exists():
+        shutil.rmtree(folder)  # an unfinished unit: start it over
+    folder.mkdir(parents=True)
+    unit_config = json.loads(json.dumps({**config, "seed": seed, "fold": fold}))
+    write_atomic(folder / "config.yaml", yaml.safe_dump(unit_config, sort_keys=False))
+    write_atomic(folder / "env.json", json.dumps(environment(seed, device), indent=2))
+    start = time.time()
+
+    source = data.source
+    split: FoldSplit = mlrc_split(source.num_classes, fold, int(config["num_folds"]))
+    seed_everything(seed)
+    trunk = build_trunk(config["trunk"], source.channels, hub_dir).to(device)
+    # Building a cache draws from torch's RNG (DataLoader seeds); whether this unit builds
+    # it or finds it built must not change the unit's random stream.
+    with torch.random.fork_rng(devices=[]):
+        if trunk_is_cacheable(trunk, config):
+            all_train = all_eval = data.features(config, trunk, device)
+            trunk = TrunkTail(trunk, trunk.frozen_blocks)
+        else:
+            all_train = data.images(config, train=True)
+            all_eval = data.images(config, train=False)
+    embedder = build_embedder(config["embedder"], int(trunk.out_channels)).to(device)
+    train = class_subset(all_train, split.train)
+    val = class_subset(all_eval, split.val)
+    test = class_subset(all_eval, split.test)
+
+    metrics = list(config["eval"]["metrics"])
+    primary = config["eval"]["primary_metric"]
+    calculator = make_calculator(config)
+    record_keeper, _, tensorboard = logging_presets.get_record_keeper(
+        str(folder / "logs"), str(folder / "tensorboard")
+    )
+    hooks = logging_presets.get_hook_container(
+        record_keeper,
+        primary_metric=primary,
+        validation_split_name="val",
+        log_freq=int(config["training"]["log_freq"]),
+    )
+    num_workers = int(config["training"].get("num_workers", 0))
+    tester = testers.GlobalEmbeddingSpaceTester(
+        end_of_testing_hook=hooks.end_of_testing_hook,
+        accuracy_calculator=calculator,
+        batch_size=int(config["eval"]["batch_size"]),
+        dataloader_num_workers=num_workers,
+        data_device=device,
+    )
+    model_dir = folder / "models"
+    result: dict[str, Any] = {
+        "config": config["name"],
+        "method": config["method"],
+        "seed": seed,
+        "fold": fold,
+        "num_classes": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
+        "num_images": {"train": len(train), "val": len(val), "test": len(test)},
+    }
+    train_start = time.time()
+    if is_frozen_method(config):
+        tester.test({"val": val}, 0, trunk, embedder, splits_to_eval=[("val", ["val"])])
+        best_epoch, epochs_run = 0, 0
+        result.update(trained=False)
+    else:
+        training = config["training"]
+        _check_batch("train", len(split.train), config)
+        loss_funcs, mining_funcs = build_loss(config, embedder, len(split.train))
+        loss_funcs = {k: v.to(device) for k, v in loss_funcs.items()}
+        models = {"trunk": trunk, "embedder": embedder}
+        optimizers = build_optimizers(config, models, loss_funcs)
+        batch_size, iterations = int(training["batch_size"]), int(training["iterations_per_epoch"])
+        sampler = samplers.MPerClassSampler(
+            train.labels,
+            m=int(training["m"]),
+            batch_size=batch_size,
+            length_before_new_iter=batch_size * iterations,
+        )
+        end_of_epoch_hook = hooks.end_of_epoch_hook(
+            tester,
+            {"val": val},
+            str(model_dir),
+            test_interval=int(training["test_interval"]),
+            patience=training.get("patience"),
+            splits_to_eval=[("val", ["val"])],
+        )
+        trainer = trainers.MetricLossOnly(
+            models=models,
+            optimizers=optimizers,
+            batch_size=batch_size,
+            loss_funcs=loss_funcs,
+            mining_funcs=mining_funcs,
+            dataset=train,
+            sampler=sampler,
+            iterations_per_epoch=iterations,
+            dataloader_num_workers=num_workers,
+            data_device=device,
+            end_of_iteration_hook=hooks.end_of_iteration_hook,
+            end_of_epoch_hook=end_of_epoch_hook,
+        )
+        trainer.train(num_epochs=int(training["num_epochs"]))
+        epochs_run = int(trainer.epoch)
+        best_epoch, _ = hooks.get_best_epoch_and_accuracy(tester, "val")
+        if best_epoch is None:
+            raise RuntimeError(
+                "no validation result was recorded: num_epochs must be >= test_interval"
+            )
+        hooks.load_latest_saved_models(trainer, str(model_dir), device, best=True)
+        if training.get("keep_checkpoints", "best") == "best":
+            for path in model_dir.glob("*.pth"):
+                if "_best" not in path.name:
+                    path.unlink()
+        result.update(trained=True, parameters={k: _count(v) for k, v in models.items()})
+    train_time = time.time() - train_start
+
+    rows, _ = hooks.get_accuracies_of_best_epoch(tester, "val")
+    if not rows and best_epoch == 0:
+        rows = [tester.all_accuracies["val"]]
+    result["val"] = _metrics(dict(rows[0]) if rows else {}, metrics)
+    result["best_epoch"] = best_epoch
+    result["epochs_run"] = epochs_run
+
+    eval_start = time.time()
+    embeddings, labels = tester.get_all_embeddings(test, trunk, embedder)
+    labels = labels[:, 0]
+    accuracies = calculator.get_accuracy(embeddings, labels, embeddings, labels, True)
+    result["test"] = _metrics(accuracies, metrics)
+    result["embedding_size"] = int(embeddings.shape[1])
+    record_keeper.update_records(
+        {f"{k}_level0": v for k, v in result["test"].items()} | {"epoch": best_epoch},
+        best_epoch,
+        parent_name="test_accuracies",
+    )
+    record_keeper.save_records()
+    if tensorboard is not None:
+        tensorboard.close()
+    if config["eval"].get("save_embeddings", True):
+        save_atomic(
+            {"embeddings": embeddings.cpu(), "labels": labels.cpu().long()}, folder / EMBEDDINGS
+        )
+    result["train_time_s"] = round(train_time, 2)
+    result["eval_time_s"] = round(time.time() - eval_start, 2)
+    result["total_time_s"] = round(time.time() - start, 2)
+    write_atomic(folder / RESULTS, json.dumps(result, indent=2))
+    return result
+
+
+def _count(module: torch.nn.Module) -> dict[str, int]:
+    return {
+        "total": sum(p.numel() for p in module.parameters()),
+        "trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),
+    }
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def concatenated_metrics(
+    folders: Sequence[Path], calculator: BenchmarkAccuracyCalculator, metrics: Sequence[str]
+) -> dict[str, float]:
+    """Metrics of the fold models' L2-normalised test embeddings concatenated (MLRC's 512-dim)."""
+    parts, labels = [], None
+    for folder in folders:
+        saved = torch.load(folder / EMBEDDINGS, map_location="cpu", weights_only=True)
+        if labels is not None and not torch.equal(labels, saved["labels"]):
+            raise ValueError(f"{folder}: test labels differ between folds")
+        labels = saved["labels"]
+        parts.append(torch.nn.functional.normalize(saved["embeddings"].float(), dim=1))
+    embeddings = torch.nn.functional.normalize(torch.cat(parts, dim=1), dim=1)
+    accuracies = calculator.get_accuracy(embeddings, labels, embeddings, labels, True)
+    return _metrics(accuracies, metrics)
+
+
+def aggregate(config: Mapping[str, Any], names: Sequence[str], root: Path) -> list[dict[str, Any]]:
+    """Per-seed "separate" and "concatenated" results of every method (from the unit folders).
+
+    Returns rows ``{method, evaluation, seed, fold, <metric>: value}`` with
+    ``evaluation`` in ``fold``, ``separate`` (mean over folds) and
+    ``concatenated`` (with more than one fold and ``eval.save_embeddings``).
+    """
+    rows: list[dict[str, Any]] = []
+    metrics = list(config["eval"]["metrics"])
+    calculator = None
+    for name in names:
+        method = method_config(config, name)
+        folds = unit_folds(method)
+        for seed in config["seeds"]:
+            folders = [unit_dir(root, name, seed, fold) for fold in folds]
+            results = [json.loads((f / RESULTS).read_text()) for f in folders]
+            for fold, result in zip(folds, results, strict=True):
+                rows.append(
+                    {
+                        "method": name,
+                        "evaluation": "fold",
+                        "seed": seed,
+                        "fold": fold,
+                        **result["test"],
+                    }
+                )
+            separate = {m: _mean([r["test"][m] for r in results]) for m in metrics}
+            rows.append(
+                {"method": name, "evaluation": "separate", "seed": seed, "fold": "", **separate}
+            )
+            if len(folds) > 1 and all((f / EMBEDDINGS).exists() for f in folders):
+                calculator = calculator or make_calculator(config)
+                concat = concatenated_metrics(folders, calculator, metrics)
+                write_atomic(
+                    root / name / f"seed{seed}" / "concatenated.json",
+                    json.dumps({"folds": folds, "test": concat}, indent=2),
+                )
+                rows.append(
+                    {
+                        "method": name,
+                        "evaluation": "concatenated",
+                        "seed": seed,
+                        "fold": "",
+                        **concat,
+                    }
+                )
+    return rows
+
+
+def summarize(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> list[dict[str, Any]]:
+    """Mean and 95% CI half-width over seeds of every (method, evaluation) pair."""
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        if row["evaluation"] != "fold":
+            groups.setdefault((row["method"], row["evaluation"]), []).append(row)
+    summary = []
+    for (method, evaluation), group in groups.items():
+        entry: dict[str, Any] = {
+            "method": method,
+            "evaluation": evaluation,
+            "seeds": [r["seed"] for r in group],
+        }
+        for metric in metrics:
+            mean, half = mean_ci95([r[metric] for r in group])
+            entry[metric] = {"mean": mean, "ci95": None if math.isnan(half) else half}
+        summary.append(entry)
+    return summary
+
+
+def results_table(rows: Sequence[Mapping[str, Any]], seeds: Sequence[int]) -> str:
+    """Markdown table: one row per method (and evaluation), mean ± 95% CI over seeds, percent."""
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        if row["evaluation"] != "fold":
+            groups.setdefault((row["method"], row["evaluation"]), []).append(row)
+    show_evaluation = any(evaluation == "concatenated" for _, evaluation in groups)
+    columns = [m for m in TABLE_METRICS if all(m in r for g in groups.values() for r in g)]
+    header = (
+        ["method"]
+        + (["evaluation"] if show_evaluation else [])
+        + [TABLE_METRICS[m] for m in columns]
+    )
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (method, evaluation), group in groups.items():
+        label = {"separate": "separate (mean of fold models)", "concatenated": "concatenated folds"}
+        cells = [method] + ([label[evaluation]] if show_evaluation else [])
+        cells += [format_mean_ci([r[m] for r in group]) for m in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    note = f"\n\nPercent; mean ± 95% CI (Student t) over seeds {list(seeds)}"
+    if len(seeds) < 2:
+        note = f"\n\nPercent; one seed ({list(seeds)}), so no CI"
+    if "recall_at_1" in columns:
+        note += "; R@1 equals P@1 by definition (R@2/4/8 in results.csv)"
+    return "\n".join(lines) + note + "."
+
+
+def _csv(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(
+        out, ["method", "evaluation", "seed", "fold", *metrics], extrasaction="ignore"
+    )
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _complete(config: Mapping[str, Any], name: str, root: Path) -> bool:
+    folds = unit_folds(method_config(config, name))
+    return all(
+        (unit_dir(root, name, seed, fold) / RESULTS).exists()
+        for seed in config["seeds"]
+        for fold in folds
+    )
+
+
+def check_previous(folder: Path, config: Mapping[str, Any], seed: int, fold: int) -> None:
+    """Refuse to reuse a finished unit whose stored config differs in a key that matters."""
+    stored_path = folder / "config.yaml"
+    if not stored_path.exists():
+        return
+    stored = yaml.safe_load(stored_path.read_text())
+    current = json.loads(json.dumps({**config, "seed": seed, "fold": fold}))
+    if _semantic(stored) != _semantic(current):
+        raise RuntimeError(
+            f"{folder} was run with a different config (see its config.yaml). Use another "
+            "--out or config name, or delete that folder to re-run it."
+        )
+
+
+def run_benchmark(
+    config: Mapping[str, Any],
+    out: str | Path = "runs",
+    methods: Sequence[str] | None = None,
+    log: Log = print,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run (or resume) every unit of ``config`` and write the combined results.
+
+    Returns ``{"rows", "summary", "table", "root", "wall_time_s", "units_run", "units_skipped"}``.
+    """
+    start = time.time()
+    if config.get("threads"):
+        torch.set_num_threads(int(config["threads"]))
+    device = _device(str(config.get("device", "auto")))
+    root = Path(out) / str(config["name"])
+    names = method_names(config)
+    if methods:
+        unknown = [m for m in methods if m not in names]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; the config has {names}")
+        names = [m for m in names if m in methods]
+    folds = [int(f) for f in config["folds"]]
+    if not folds or any(not 0 <= f < int(config["num_folds"]) for f in folds):
+        raise ValueError(f"folds must be a non-empty list of ints in [0, {config['num_folds']})")
+    root.mkdir(parents=True, exist_ok=True)
+    hub_dir = Path(config["trunk"].get("hub_dir") or Path(out) / ".torch_hub")
+    data = DataPipeline(config["dataset"], log=log, progress=progress)
+
+    units = [
+        (seed, name, fold)
+        for seed in config["seeds"]
+        for name in names
+        for fold in unit_folds(method_config(config, name))
+    ]
+    log(
+        f"{config['name']}: {len(units)} units ({len(config['seeds'])} seeds x {len(names)} "
+        f"methods x folds {folds}) on {device}, {torch.get_num_threads()} threads -> {root}"
+    )
+    run_count = skipped = 0
+    for index, (seed, name, fold) in enumerate(units, 1):
+        method = method_config(config, name)
+        folder = unit_dir(root, name, seed, fold)
+        tag = f"[{index}/{len(units)}] seed {seed} {name} fold {fold}"
+        if (folder / RESULTS).exists():
+            check_previous(folder, method, seed, fold)
+            log(f"{tag}: done before, skipped")
+            skipped += 1
+            continue
+        log(f"{tag}: {'evaluating' if is_frozen_method(method) else 'training'}")
+        result = run_unit(method, seed, fold, folder, data, device, hub_dir, log)
+        run_count += 1
+        test = result["test"]
+        log(
+            f"{tag}: test P@1 {100 * test.get('precision_at_1', float('nan')):.2f} "
+            f"MAP@R {100 * test.get('mean_average_precision_at_r', float('nan')):.2f} "
+            f"(best epoch {result['best_epoch']} of {result['epochs_run']}, "
+            f"{result['total_time_s']:.0f} s)"
+        )
+
+    metrics = list(config["eval"]["metrics"])
+    complete = [name for name in method_names(config) if _complete(config, name, root)]
+    rows = aggregate(config, complete, root)
+    summary = summarize(rows, metrics)
+    table = results_table(rows, config["seeds"])
+    wall = time.time() - start
+    source = data._source
+    header = f"## {config['name']}\n\n{config['dataset']['name']}"
+    if source is not None:
+        header += f": {source.num_classes} classes ({len(source.labels)} images)"
+    header += ", "
+    header += f"MLRC split, folds {folds} of {config['num_folds']}.\n\n"
+    footer = (
+        f"\n\nThis invocation: {run_count} units run, {skipped} skipped, {wall:.0f} s wall "
+        f"on {device} ({torch.get_num_threads()} threads, {os.cpu_count()} CPUs)."
+    )
+    write_atomic(root / "table.md", header + table + footer + "\n")
+    write_atomic(root / "results.csv", _csv(rows, metrics))
+    write_atomic(root / "summary.json", json.dumps(summary, indent=2))
+    log("")
+    log(header + table + footer)
+    return {
+        "rows": rows,
+        "summary": summary,
+        "table": table,
+        "root": root,
+        "wall_time_s": wall,
+        "units_run": run_count,
+        "units_skipped": skipped,
+    }
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description="Run a benchmark config (MLRC protocol, stock PML parts).",
+    )
+    parser.add_argument(
+        "--config", required=True, help="a YAML file, e.g. benchmarks/configs/omniglot_quick.yaml"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.SUB=VALUE",
+        help="override a config value (YAML value), e.g. --set training.num_epochs=2",
+    )
+    parser.add_argument(
+        "--out", default="runs", help="parent folder of the run folder (default runs/)"
+    )
+    parser.add_argument("--methods", nargs="+", default=None, help="run only these methods")
+    parser.add_argument("--verbose", action="store_true", help="show PML's INFO logs")
+    parser.add_argument("--no-progress", action="store_true", help="hide the caching progress bars")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    logging.basicConfig(format="%(name)s %(levelname)s: %(message)s")
+    logging.getLogger("PML").setLevel(logging.INFO if args.verbose else logging.WARNING)
+    # PML's trainer formats a loss that requires grad into its progress bar.
+    warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True")
+    config = load_config(args.config, args.overrides)
+    return run_benchmark(
+        config,
+        args.out,
+        methods=args.methods,
+        log=lambda s: print(s, flush=True),
+        progress=not args.no_progress,
+    )
+
+
+if __name__ == "__main__":
+    main()

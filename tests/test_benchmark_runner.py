@@ -1,0 +1,660 @@
+"""The benchmark runner: config overrides, Recall@K, caches, and tiny end-to-end runs.
+
+The end-to-end runs use the real configs with overrides that make them tiny
+(a few classes, 32-pixel images, 2 iterations). Omniglot and CUB are read from
+``../shared/data`` (skipped when absent); Cars196 and SOP are tiny fake trees
+in PML's layouts, written to ``tmp_path``. Nothing touches the network.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from pytorch_metric_learning import losses
+
+from benchmarks import run as bench
+from benchmarks.build import build_embedder, build_loss, build_optimizers, install_weights
+from benchmarks.cache import (
+    CachedDataset,
+    TrunkTail,
+    cache_dataset,
+    cache_module_outputs,
+    frozen_prefix,
+)
+from benchmarks.config import (
+    apply_override,
+    deep_merge,
+    load_config,
+    method_config,
+    method_names,
+    parse_override,
+)
+from benchmarks.data import TransformedDataset, class_subset, load_source, pil_transform
+from benchmarks.metrics import BenchmarkAccuracyCalculator
+from pml_crt.losses import MultiHeadLoss
+from pml_crt.models import MultiHeadCRT
+from pml_crt.trunks import feature_map_trunk
+from pml_crt.utils import make_accuracy_calculator
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Converting a tensor with requires_grad=True:UserWarning"  # PML trainer's pbar
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "benchmarks" / "configs"
+SHARED = ROOT.parent / "shared"
+DATA = SHARED / "data"
+WEIGHTS = SHARED / "weights" / "mobilenet_v2-b0353104.pth"
+
+needs_omniglot = pytest.mark.skipif(
+    not (DATA / "omniglot-py" / "images_background").is_dir(),
+    reason=f"Omniglot not found under {DATA} (see SPEC section 4)",
+)
+needs_cub = pytest.mark.skipif(
+    not (DATA / "CUB_200_2011" / "images.txt").is_file(),
+    reason=f"CUB-200-2011 not found under {DATA} (see SPEC section 4)",
+)
+needs_weights = pytest.mark.skipif(
+    not WEIGHTS.is_file(), reason=f"MobileNetV2 weights not found at {WEIGHTS}"
+)
+
+TINY_TRAINING = [
+    "seeds=[0]",
+    "training.iterations_per_epoch=2",
+    "training.num_epochs=2",
+    "training.batch_size=12",
+    "training.num_workers=0",
+    "eval.batch_size=64",
+]
+TINY_OMNIGLOT = [f"dataset.root={DATA}", "dataset.max_classes=16", *TINY_TRAINING]
+TINY_IMAGES = ["images.resize=40", "images.crop=32", "trunk.weights=null"]
+
+
+def _run(config_name, overrides, out, **kwargs):
+    config = load_config(CONFIGS / f"{config_name}.yaml", overrides)
+    return bench.run_benchmark(config, out, log=lambda s: None, progress=False, **kwargs)
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_parse_override_values():
+    assert parse_override("training.batch_size=64") == (["training", "batch_size"], 64)
+    assert parse_override("optimizers.default.kwargs.lr=1e-4")[1] == pytest.approx(1e-4)
+    assert parse_override("seeds=[0, 1, 2]") == (["seeds"], [0, 1, 2])
+    assert parse_override("trunk.weights=null") == (["trunk", "weights"], None)
+    assert parse_override("trunk.weights=") == (["trunk", "weights"], None)
+    assert parse_override("trunk.weights=IMAGENET1K_V1")[1] == "IMAGENET1K_V1"
+    assert parse_override("cache.images=false")[1] is False
+    assert parse_override("dataset.root=/a/b=c")[1] == "/a/b=c"
+    assert parse_override("loss.kwargs={alpha: 2, base: 0.5}")[1] == {"alpha": 2, "base": 0.5}
+    assert parse_override("x=[unclosed")[1] == "[unclosed"  # not YAML: kept as text
+    with pytest.raises(ValueError, match="key.sub=value"):
+        parse_override("training.batch_size")
+    with pytest.raises(ValueError, match="bad override key"):
+        parse_override("training..batch_size=3")
+
+
+def test_apply_override_creates_and_indexes():
+    config = {"a": {"b": 1}, "heads": [[16, 128], [8, 64]]}
+    apply_override(config, ["a", "c", "d"], 2)
+    apply_override(config, ["heads", "1"], [4, 32])
+    assert config == {"a": {"b": 1, "c": {"d": 2}}, "heads": [[16, 128], [4, 32]]}
+    with pytest.raises(ValueError, match="not a dict"):
+        apply_override(config, ["a", "b", "x"], 3)
+
+
+def test_yaml_floats_without_dot():
+    config = load_config(CONFIGS / "cub_mlrc.yaml")
+    kwargs = config["optimizers"]["default"]["kwargs"]
+    assert kwargs == {"lr": 1e-6, "weight_decay": 1e-4, "momentum": 0.9}
+    assert all(isinstance(v, float) for v in kwargs.values())
+
+
+def test_load_config_methods_and_checks():
+    config = load_config(
+        CONFIGS / "omniglot_quick.yaml", ["methods.multihead_crt.loss.kwargs.beta=40"]
+    )
+    assert config["name"] == "omniglot_quick"
+    assert method_names(config) == ["frozen", "global_pool", "multihead_crt"]
+    crt = method_config(config, "multihead_crt")
+    # a method switching embedder.type does not inherit the base's GlobalPoolEmbedder kwargs
+    assert crt["embedder"] == {"type": "MultiHeadCRT", "kwargs": {"heads": [[16, 128], [8, 64]]}}
+    assert crt["loss"]["name"] == "MultiSimilarityLoss"
+    assert crt["loss"]["kwargs"] == {"beta": 40}
+    assert crt["method"] == "multihead_crt"
+    assert crt["trunk"] == config["trunk"] and crt["training"] == config["training"]
+    # defaults fill in keys the file leaves out, also under a switched dataset name
+    cub = load_config(CONFIGS / "cub_compare.yaml")
+    assert cub["dataset"]["max_classes"] is None and cub["training"]["keep_checkpoints"] == "best"
+    with pytest.raises(ValueError, match="did you mean 'training'"):
+        load_config(CONFIGS / "omniglot_quick.yaml", ["trainng.batch_size=3"])
+    with pytest.raises(ValueError, match="unknown config key images.'resise'"):
+        load_config(CONFIGS / "omniglot_quick.yaml", ["images.resise=3"])
+    with pytest.raises(ValueError, match="shares the protocol"):
+        load_config(CONFIGS / "omniglot_quick.yaml", ["methods.frozen.seeds=[1]"])
+    with pytest.raises(KeyError):
+        method_config(config, "nope")
+
+
+def test_deep_merge_rules():
+    base = {"embedder": {"type": "A", "kwargs": {"x": 1}}, "opt": {"kwargs": {"lr": 1, "wd": 2}}}
+    merged = deep_merge(base, {"embedder": {"type": "B"}, "opt": {"kwargs": {"lr": 3}}})
+    assert merged == {"embedder": {"type": "B"}, "opt": {"kwargs": {"lr": 3, "wd": 2}}}
+    same = deep_merge(base, {"embedder": {"type": "A", "kwargs": {"y": 2}}})
+    assert same["embedder"]["kwargs"] == {"x": 1, "y": 2}
+    keep = deep_merge(base, {"embedder": {"type": "B"}}, replace_on_kind_change=False)
+    assert keep["embedder"] == {"type": "B", "kwargs": {"x": 1}}
+    assert base["embedder"] == {"type": "A", "kwargs": {"x": 1}}  # inputs untouched
+
+
+def test_all_configs_load():
+    names = {p.stem for p in CONFIGS.glob("*.yaml")}
+    assert {
+        "omniglot_quick",
+        "omniglot_compare",
+        "cub_compare",
+        "cub_mlrc",
+        "cars196_mlrc",
+        "sop_mlrc",
+    } <= names
+    for name in names:
+        config = load_config(CONFIGS / f"{name}.yaml")
+        for method in method_names(config):
+            method_config(config, method)
+    for name in ("cub_mlrc", "cars196_mlrc", "sop_mlrc"):
+        config = load_config(CONFIGS / f"{name}.yaml")
+        assert config["folds"] == [0, 1, 2, 3] and config["num_folds"] == 4
+        assert (config["training"]["batch_size"], config["training"]["m"]) == (32, 4)
+        assert config["optimizers"]["default"]["name"] == "RMSprop"
+        assert config["images"]["augmentation"] == "mlrc"
+        assert config["trunk"]["freeze_batchnorm"] is True
+
+
+# --------------------------------------------------------------------------- Recall@K
+
+
+def _brute_force_recall(embeddings, labels, k):
+    """Loop over queries: is any of the k most cosine-similar others of the same label?"""
+    unit = torch.nn.functional.normalize(embeddings.double(), dim=1)
+    hits, counted = 0, 0
+    for i in range(len(unit)):
+        if int((labels == labels[i]).sum()) < 2:
+            continue  # lone query: no other member of its class
+        similarities = [(float(unit[i] @ unit[j]), j) for j in range(len(unit)) if j != i]
+        nearest = [j for _, j in sorted(similarities, reverse=True)[:k]]
+        hits += any(int(labels[j]) == int(labels[i]) for j in nearest)
+        counted += 1
+    return hits / counted
+
+
+@pytest.mark.parametrize("prefer_faiss", [True, False])
+def test_recall_at_k_matches_brute_force(prefer_faiss):
+    generator = torch.Generator().manual_seed(0)
+    # classes of 2-4 items (max_bin_count - 1 < 8, so k must be raised to 8) and a lone one
+    labels = torch.tensor([c for c in range(12) for _ in range(2 + c % 3)] + [99])
+    embeddings = torch.randn(len(labels), 6, generator=generator)
+    embeddings += 1.5 * torch.randn(100, 6, generator=generator)[labels % 100]
+    calculator = make_accuracy_calculator(
+        include=("precision_at_1", "recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8"),
+        k="max_bin_count",
+        prefer_faiss=prefer_faiss,
+        calculator_class=BenchmarkAccuracyCalculator,
+    )
+    unit = torch.nn.functional.normalize(embeddings, dim=1)
+    result = calculator.get_accuracy(unit, labels, unit, labels, True)
+    for k in (1, 2, 4, 8):
+        assert result[f"recall_at_{k}"] == pytest.approx(_brute_force_recall(embeddings, labels, k))
+    assert result["recall_at_1"] == pytest.approx(result["precision_at_1"])
+    assert result["recall_at_1"] <= result["recall_at_2"] <= result["recall_at_4"] <= 1.0
+    assert result["recall_at_8"] < 1.0 or result["recall_at_4"] < result["recall_at_8"]
+
+
+def test_recall_with_separate_reference_set():
+    generator = torch.Generator().manual_seed(1)
+    query_labels = torch.arange(5).repeat(3)
+    reference_labels = torch.arange(5).repeat(4)
+    query = torch.nn.functional.normalize(torch.randn(15, 4, generator=generator), dim=1)
+    reference = torch.nn.functional.normalize(torch.randn(20, 4, generator=generator), dim=1)
+    calculator = make_accuracy_calculator(
+        include=("recall_at_2",), k=1, calculator_class=BenchmarkAccuracyCalculator
+    )
+    result = calculator.get_accuracy(query, query_labels, reference, reference_labels, False)
+    similarity = query @ reference.t()
+    nearest = similarity.topk(2, dim=1).indices
+    expected = (reference_labels[nearest] == query_labels[:, None]).any(dim=1).double().mean()
+    assert result["recall_at_2"] == pytest.approx(float(expected))
+
+
+# --------------------------------------------------------------------------- caches
+
+
+class _FakeImages(torch.utils.data.Dataset):
+    """Random RGB PIL images of varied sizes, labels ``i % 3``."""
+
+    def __init__(self, n=10):
+        rng = np.random.default_rng(0)
+        self.images = [
+            Image.fromarray(rng.integers(0, 256, (30 + i, 40 - i, 3), dtype=np.uint8))
+            for i in range(n)
+        ]
+        self.labels = [i % 3 for i in range(n)]
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.images[index], self.labels[index]
+
+
+@pytest.mark.parametrize("normalize", ["imagenet", "invert", "none"])
+def test_image_cache_equals_uncached(normalize):
+    from benchmarks.data import ToFloat
+
+    images = {"resize": 24, "crop": 20, "augmentation": "none", "normalize": normalize}
+    source = _FakeImages()
+    uncached = TransformedDataset(
+        TransformedDataset(source, pil_transform(images, train=False)), ToFloat(normalize)
+    )
+    cached = cache_dataset(
+        TransformedDataset(source, pil_transform(images, train=False)),
+        ToFloat(normalize),
+        batch_size=4,
+        progress=False,
+    )
+    assert cached.data.dtype == torch.uint8 and cached.data.shape == (10, 3, 20, 20)
+    assert cached.labels == source.labels
+    for i in range(len(source)):
+        x, y = uncached[i]
+        x_cached, y_cached = cached[i]
+        assert torch.equal(x, x_cached) and y == y_cached
+
+
+def test_mlrc_augmentation_transform():
+    images = {"resize": 32, "crop": 24, "augmentation": "mlrc", "rrc_scale": [0.16, 1.0]}
+    train = pil_transform(images, train=True)
+    names = [type(t).__name__ for t in train.transforms]
+    assert names == ["Resize", "RandomResizedCrop", "RandomHorizontalFlip", "PILToTensor"]
+    assert train.transforms[1].scale == (0.16, 1.0)
+    names = [type(t).__name__ for t in pil_transform(images, train=False).transforms]
+    assert names == ["Resize", "CenterCrop", "PILToTensor"]
+    x = train(_FakeImages()[0][0])
+    assert x.shape == (3, 24, 24) and x.dtype == torch.uint8
+
+
+def test_class_subset_relabels():
+    dataset = CachedDataset(torch.arange(12).view(12, 1), [0, 1, 2, 3] * 3)
+    subset = class_subset(dataset, (3, 1))
+    assert subset.labels == [0, 1, 0, 1, 0, 1]  # sorted class order: 1 -> 0, 3 -> 1
+    assert [int(subset[i][0]) for i in range(len(subset))] == [1, 3, 5, 7, 9, 11]
+    assert subset[1] == (dataset[3][0], 1)
+    with pytest.raises(ValueError, match="no images"):
+        class_subset(dataset, (1, 7))
+
+
+@pytest.mark.parametrize("frozen_blocks", [2, 6])
+def test_frozen_block_cache_equals_full_trunk(frozen_blocks):
+    torch.manual_seed(0)
+    trunk = feature_map_trunk(
+        "mobilenet_v2", None, frozen_blocks=frozen_blocks, freeze_batchnorm=True
+    )
+    images = CachedDataset(torch.randn(10, 3, 32, 32), [0, 1] * 5)
+    features = cache_module_outputs(frozen_prefix(trunk), images, batch_size=4, progress=False)
+    tail = TrunkTail(trunk, frozen_blocks)
+    assert tail.out_channels == trunk.out_channels
+    for mode in (False, True):  # eval, and train mode (frozen blocks and BN stay in eval)
+        trunk.train(mode)
+        tail.train(mode)
+        with torch.no_grad():
+            full = trunk(images.data)
+            cached = tail(features.data)
+        torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-6)
+    # training the tail leaves the frozen blocks untouched
+    assert all(not p.requires_grad for p in frozen_prefix(trunk).parameters())
+    state = tail.state_dict()
+    assert set(state) == {f"trunk.{k}" for k in trunk.state_dict()}
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def test_build_parametric_losses():
+    embedder = build_embedder({"type": "GlobalPoolEmbedder", "kwargs": {"embedding_size": 24}}, 8)
+    config = {
+        "loss": {"name": "ProxyAnchorLoss", "kwargs": {"margin": 0.2}},
+        "miner": None,
+        "optimizers": {"default": {"name": "SGD", "kwargs": {"lr": 0.1}}, "trunk": None},
+    }
+    loss_funcs, mining_funcs = build_loss(config, embedder, num_classes=7)
+    loss = loss_funcs["metric_loss"]
+    assert isinstance(loss, losses.ProxyAnchorLoss) and loss.proxies.shape == (7, 24)
+    assert mining_funcs == {}
+    trunk = torch.nn.Conv2d(3, 8, 1)
+    optimizers = build_optimizers(config, {"trunk": trunk, "embedder": embedder}, loss_funcs)
+    assert set(optimizers) == {"embedder_optimizer", "metric_loss_optimizer"}
+    assert not any(p.requires_grad for p in trunk.parameters())  # optimizers.trunk: null
+
+    multi = build_embedder({"type": "MultiHeadCRT", "kwargs": {"heads": [[4, 16], [2, 8]]}}, 8)
+    config = {
+        "loss": {
+            "name": "ArcFaceLoss",
+            "consistency_weight": 0.5,
+            "kwargs": {"distance": {"name": "CosineSimilarity"}},
+        },
+        "miner": {"name": "MultiSimilarityMiner", "kwargs": {"epsilon": 0.2}},
+    }
+    loss_funcs, mining_funcs = build_loss(config, multi, num_classes=5)
+    loss = loss_funcs["metric_loss"]
+    assert isinstance(multi, MultiHeadCRT) and isinstance(loss, MultiHeadLoss)
+    assert mining_funcs == {}  # the miner mines each head's slice inside MultiHeadLoss
+    heads = loss.losses.values() if isinstance(loss.losses, torch.nn.ModuleDict) else loss.losses
+    assert [tuple(h.W.shape) for h in heads] == [(16, 5), (8, 5)]
+    assert loss.consistency_weight == 0.5 and loss.miners is not None
+    frozen = build_embedder({"type": "frozen"}, 8)
+    assert frozen.embedding_size == 8 and not list(frozen.parameters())
+    with pytest.raises(ValueError, match="unknown loss"):
+        build_loss({"loss": {"name": "NoSuchLoss"}, "miner": None}, embedder, 3)
+    with pytest.raises(ValueError, match="embedder.type"):
+        build_embedder({"type": "Transformer"}, 8)
+
+
+@needs_weights
+def test_install_weights_feeds_torchvision(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "elsewhere"))
+    target = install_weights("mobilenet_v2", "IMAGENET1K_V1", WEIGHTS, tmp_path / "hub")
+    assert target == tmp_path / "hub" / "checkpoints" / WEIGHTS.name
+    assert target.stat().st_size == WEIGHTS.stat().st_size
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+@needs_omniglot
+def test_omniglot_quick_tiny_end_to_end_and_resume(tmp_path, capsys):
+    out = tmp_path / "runs"
+    argv = ["--config", str(CONFIGS / "omniglot_quick.yaml"), "--out", str(out), "--no-progress"]
+    for override in TINY_OMNIGLOT:
+        argv += ["--set", override]
+    first = bench.main(argv)
+    printed = capsys.readouterr().out
+    root = out / "omniglot_quick"
+    assert first["root"] == root and first["units_run"] == 3 and first["units_skipped"] == 0
+    assert "| method | P@1 | R-Precision | MAP@R | R@1 |" in printed
+    for method in ("frozen", "global_pool", "multihead_crt"):
+        assert f"| {method} |" in printed
+
+    unit = root / "multihead_crt" / "seed0" / "fold0"
+    files = _files(unit)
+    assert {"config.yaml", "env.json", "results.json", "test_embeddings.pt"} <= files
+    assert any(f.startswith("logs/") and f.endswith(".csv") for f in files)
+    assert "logs/logs.db" in files
+    assert any(f.startswith("tensorboard/events.out.tfevents") for f in files)
+    models = {f for f in files if f.startswith("models/")}
+    assert any(f.startswith("models/trunk_best") for f in models)
+    assert any(f.startswith("models/embedder_best") for f in models)
+    assert all("_best" in f for f in models)  # only the best checkpoint is kept
+    assert not any(p.name.endswith(".tmp") for p in root.rglob("*"))
+
+    result = json.loads((unit / "results.json").read_text())
+    assert result["method"] == "multihead_crt" and (result["seed"], result["fold"]) == (0, 0)
+    assert result["num_classes"] == {"train": 6, "val": 2, "test": 8}
+    assert 1 <= result["best_epoch"] <= result["epochs_run"] <= 2
+    assert result["embedding_size"] == 128  # eval: the primary head
+    for split in ("val", "test"):
+        assert set(result[split]) == {
+            "precision_at_1",
+            "r_precision",
+            "mean_average_precision_at_r",
+            "recall_at_1",
+            "recall_at_2",
+            "recall_at_4",
+            "recall_at_8",
+        }
+        assert all(0.0 <= v <= 1.0 for v in result[split].values())
+    config = yaml.safe_load((unit / "config.yaml").read_text())
+    assert config["embedder"]["type"] == "MultiHeadCRT" and config["seed"] == 0
+    assert config["dataset"]["max_classes"] == 16
+    env = json.loads((unit / "env.json").read_text())
+    assert {"torch", "pytorch_metric_learning", "pml_crt", "python", "git_commit"} <= set(env)
+    assert env["seed"] == 0 and env["torch_threads"] >= 1
+    frozen = json.loads((root / "frozen" / "seed0" / "fold0" / "results.json").read_text())
+    assert frozen["trained"] is False and frozen["best_epoch"] == 0
+    assert frozen["embedding_size"] == 32  # the trunk's channels, average-pooled
+    assert not (root / "frozen" / "seed0" / "fold0" / "models").exists()
+    assert (root / "table.md").read_text().count("| frozen |") == 1
+    csv_lines = (root / "results.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("method,evaluation,seed,fold,precision_at_1")
+    assert len(csv_lines) == 1 + 3 * 2  # a fold row and a "separate" row per method
+
+    # Same command again: every unit is skipped and nothing is rewritten.
+    stamp = (unit / "results.json").stat().st_mtime_ns
+    second = bench.main(argv)
+    assert second["units_run"] == 0 and second["units_skipped"] == 3
+    assert (unit / "results.json").stat().st_mtime_ns == stamp
+    assert second["table"] == first["table"]
+
+    # An interrupted unit (folder without results.json) is started over; finished ones kept.
+    partial = root / "global_pool" / "seed0" / "fold1"
+    partial.mkdir(parents=True)
+    (partial / "junk.txt").write_text("left by an interrupted run")
+    third = bench.main(argv + ["--set", "folds=[0, 1]"])
+    assert third["units_run"] == 2 and third["units_skipped"] == 3  # fold 1 of two methods
+    assert not (partial / "junk.txt").exists() and (partial / "results.json").exists()
+    table = third["table"]
+    assert "concatenated folds" in table and "separate (mean of fold models)" in table
+    concat = json.loads((root / "global_pool" / "seed0" / "concatenated.json").read_text())
+    assert concat["folds"] == [0, 1] and set(concat["test"]) >= {"precision_at_1"}
+    separate = [r for r in third["rows"] if r["evaluation"] == "separate"]
+    folds = [r for r in third["rows"] if r["evaluation"] == "fold" and r["method"] == "global_pool"]
+    gp = next(r for r in separate if r["method"] == "global_pool")
+    assert gp["precision_at_1"] == pytest.approx(np.mean([r["precision_at_1"] for r in folds]))
+    assert not any(
+        r["evaluation"] == "concatenated" and r["method"] == "frozen" for r in third["rows"]
+    )
+
+    # A finished unit run under a different config is never silently reused.
+    with pytest.raises(RuntimeError, match="different config"):
+        bench.main(argv + ["--set", "training.batch_size=8"])
+    # ... but keys that do not change results may differ.
+    assert bench.main(argv + ["--set", "eval.batch_size=32"])["units_skipped"] == 3
+
+
+@needs_omniglot
+def test_parametric_loss_on_multihead_crt_trains(tmp_path):
+    overrides = TINY_OMNIGLOT + [
+        "methods.multihead_crt.loss={name: ProxyAnchorLoss, consistency_weight: 0.5}",
+        "methods.multihead_crt.miner=null",
+    ]
+    result = _run("omniglot_quick", overrides, tmp_path, methods=["multihead_crt"])
+    assert result["units_run"] == 1
+    models = {p.name for p in (tmp_path / "omniglot_quick" / "multihead_crt").rglob("*.pth")}
+    assert any(name.startswith("metric_loss_optimizer_best") for name in models)
+    assert [r["method"] for r in result["summary"]] == ["multihead_crt"]
+
+
+@needs_omniglot
+def test_unit_results_do_not_depend_on_what_ran_before(tmp_path):
+    # global_pool alone (it builds the image cache) vs after frozen (the cache exists)
+    alone = _run("omniglot_quick", TINY_OMNIGLOT, tmp_path / "a", methods=["global_pool"])
+    after = _run("omniglot_quick", TINY_OMNIGLOT, tmp_path / "b", methods=["frozen", "global_pool"])
+    assert alone["units_run"] == 1 and after["units_run"] == 2
+    paths = [tmp_path / v / "omniglot_quick" / "global_pool" / "seed0" / "fold0" for v in "ab"]
+    first, second = (json.loads((p / "results.json").read_text()) for p in paths)
+    assert first["test"] == second["test"] and first["val"] == second["val"]
+    embeddings = [torch.load(p / "test_embeddings.pt", weights_only=True) for p in paths]
+    assert torch.equal(embeddings[0]["embeddings"], embeddings[1]["embeddings"])
+
+
+def _fake_cars(root: Path, classes: int = 8, per_class: int = 3) -> None:
+    rng = np.random.default_rng(0)
+    names = [f"Maker Model/{c} 20{c:02d}" for c in range(1, classes + 1)]
+    (root / "names.csv").parent.mkdir(parents=True, exist_ok=True)
+    (root / "names.csv").write_text("\n".join(names) + "\n")
+    rows = {"train": [], "test": []}
+    for c, name in enumerate(names, 1):
+        for i in range(per_class):
+            split = "train" if i % 2 == 0 else "test"
+            file = f"{c:03d}{i:02d}.jpg"
+            folder = root / "car_data" / "car_data" / split / name.replace("/", "-")
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (36, 48, 3), dtype=np.uint8)).save(folder / file)
+            rows[split].append(f"{file},1,1,30,20,{c}")
+    for split, lines in rows.items():
+        (root / f"anno_{split}.csv").write_text("\n".join(lines) + "\n")
+
+
+def _fake_sop(root: Path, classes: int = 8, per_class: int = 3) -> None:
+    rng = np.random.default_rng(1)
+    base = root / "Stanford_Online_Products"
+    lines = {"train": [], "test": []}
+    image_id = 0
+    for c in range(1, classes + 1):
+        split = "train" if c <= classes // 2 else "test"
+        for i in range(per_class):
+            image_id += 1
+            path = f"bicycle_final/{c}_{i}.JPG"
+            (base / "bicycle_final").mkdir(parents=True, exist_ok=True)
+            image = rng.integers(0, 256, (40, 40), dtype=np.uint8)  # grayscale: needs RGB
+            Image.fromarray(image).save(base / path, format="JPEG")
+            lines[split].append(f"{image_id} {c} 1 {path}")
+    for split, rows in lines.items():
+        header = "image_id class_id super_class_id path"
+        (base / f"Ebay_{split}.txt").write_text("\n".join([header, *rows]) + "\n")
+
+
+@pytest.mark.parametrize("dataset", ["cub", "cars196", "sop"])
+def test_mlrc_configs_on_tiny_slices(dataset, tmp_path):
+    if dataset == "cub":
+        if not (DATA / "CUB_200_2011" / "images.txt").is_file():
+            pytest.skip(f"CUB-200-2011 not found under {DATA} (see SPEC section 4)")
+        root = DATA
+    else:
+        root = tmp_path / dataset
+        (_fake_cars if dataset == "cars196" else _fake_sop)(root)
+    overrides = [
+        f"dataset.root={root}",
+        "dataset.max_classes=8",  # 4 train+val classes: 4 folds of 3 train / 1 val class
+        "folds=[0, 1]",
+        *TINY_TRAINING,
+        *TINY_IMAGES,
+        "training.num_epochs=1",
+        "training.batch_size=8",
+        "eval.batch_size=16",
+        "device=cpu",
+    ]
+    config = load_config(CONFIGS / f"{dataset}_mlrc.yaml", overrides)
+    # the heads on CUB (ms_miner adds only a miner, covered on Omniglot); the data path
+    # with the pretrained and MS rows on the fakes
+    methods = (
+        ["pretrained", "ms", "crt", "multihead_crt"] if dataset == "cub" else ["pretrained", "ms"]
+    )
+    assert set(methods) <= set(method_names(config))
+    result = bench.run_benchmark(
+        config, tmp_path / "runs", methods=methods, log=lambda s: None, progress=False
+    )
+    assert result["units_run"] == 1 + 2 * (len(methods) - 1)  # the pretrained row: one fold
+    root_dir = tmp_path / "runs" / f"{dataset}_mlrc"
+    unit = json.loads((root_dir / "ms" / "seed0" / "fold1" / "results.json").read_text())
+    assert unit["num_classes"] == {"train": 3, "val": 1, "test": 4}
+    assert unit["embedding_size"] == 128
+    pretrained = json.loads(
+        (root_dir / "pretrained" / "seed0" / "fold0" / "results.json").read_text()
+    )
+    assert pretrained["embedding_size"] == 1024  # googlenet, average-pooled
+    evaluations = {(r["method"], r["evaluation"]) for r in result["rows"]}
+    assert ("ms", "concatenated") in evaluations
+    if dataset == "cub":
+        assert {(m, "concatenated") for m in ("crt", "multihead_crt")} <= evaluations
+    assert ("pretrained", "concatenated") not in evaluations
+    stored = yaml.safe_load((root_dir / "ms" / "seed0" / "fold0" / "config.yaml").read_text())
+    assert stored["optimizers"]["default"]["kwargs"]["lr"] == pytest.approx(1e-6)
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    for name in ("cars196", "sop", "cub"):
+        with pytest.raises(FileNotFoundError, match="dataset.download=true"):
+            load_source({"name": name, "root": tmp_path / "absent", "download": False})
+    with pytest.raises(ValueError, match="dataset.name"):
+        load_source({"name": "mnist", "root": tmp_path})
+
+
+def test_fake_sop_source_is_sorted_and_rgb(tmp_path):
+    _fake_sop(tmp_path, classes=6, per_class=2)
+    source = load_source({"name": "sop", "root": tmp_path, "max_classes": 4})
+    assert source.class_ids == [1, 2, 3, 4] and source.num_classes == 4
+    assert source.labels == [0, 0, 1, 1, 2, 2, 3, 3]
+    image, label = source.dataset[7]
+    assert image.mode == "RGB" and label == 3
+
+
+@needs_cub
+@needs_weights
+def test_cub_compare_tiny_with_cached_frozen_blocks(tmp_path):
+    """cub_compare's MobileNetV2 (from weights_path) with and without the feature cache."""
+    overrides = [
+        f"dataset.root={DATA}",
+        f"trunk.weights_path={WEIGHTS}",
+        "dataset.max_classes=8",
+        "folds=[0]",
+        *TINY_TRAINING,
+        "images.resize=64",
+        "images.crop=64",
+        "training.batch_size=8",
+        "eval.batch_size=32",
+        "device=cpu",
+    ]
+    methods = ["frozen", "global_pool"]
+    messages: list[str] = []
+    config = load_config(CONFIGS / "cub_compare.yaml", overrides)
+    bench.run_benchmark(
+        config, tmp_path / "cached", methods=methods, log=messages.append, progress=False
+    )
+    assert any("frozen trunk blocks" in m for m in messages)
+    assert (tmp_path / "cached" / ".torch_hub" / "checkpoints" / WEIGHTS.name).is_file()
+    config = load_config(CONFIGS / "cub_compare.yaml", overrides + ["cache.features=false"])
+    messages.clear()
+    bench.run_benchmark(
+        config, tmp_path / "plain", methods=methods, log=messages.append, progress=False
+    )
+    assert not any("frozen trunk blocks" in m for m in messages)
+    for method in methods:
+        paths = [
+            tmp_path / v / "cub_compare" / method / "seed0" / "fold0" for v in ("cached", "plain")
+        ]
+        cached, plain = (torch.load(p / "test_embeddings.pt", weights_only=True) for p in paths)
+        assert torch.equal(cached["labels"], plain["labels"])
+        torch.testing.assert_close(cached["embeddings"], plain["embeddings"], rtol=1e-4, atol=1e-5)
+        results = [json.loads((p / "results.json").read_text()) for p in paths]
+        assert results[0]["test"] == pytest.approx(results[1]["test"], abs=0.02)
+    frozen = json.loads(
+        (
+            tmp_path / "cached" / "cub_compare" / "frozen" / "seed0" / "fold0" / "results.json"
+        ).read_text()
+    )
+    assert frozen["embedding_size"] == 1280
+    # the pretrained trunk really is pretrained: far above chance on 4 unseen species
+    assert frozen["test"]["precision_at_1"] > 0.5
+
+
+def test_cli_help():
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 0
+    assert "--set" in completed.stdout and "--config" in completed.stdout
