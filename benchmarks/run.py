@@ -29,6 +29,7 @@ import math
 import os
 import platform
 import random
+import shlex
 import shutil
 import subprocess
 import sys
@@ -680,8 +681,14 @@ def run_benchmark(
     methods: Sequence[str] | None = None,
     log: Log = print,
     progress: bool = True,
+    publish: str | Path | None = None,
+    command: str | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) every unit of ``config`` and write the combined results.
+
+    With ``publish``, the table and its provenance (``command``, by default this
+    process's command line) also go to ``publish/<name>.md`` and the per-unit
+    values to ``publish/<name>.csv``.
 
     Returns ``{"rows", "summary", "table", "root", "wall_time_s", "units_run", "units_skipped"}``.
     """
@@ -753,6 +760,11 @@ def run_benchmark(
     write_atomic(root / "table.md", header + table + footer + "\n")
     write_atomic(root / "results.csv", _csv(rows, metrics))
     write_atomic(root / "summary.json", json.dumps(summary, indent=2))
+    if publish is not None:
+        command = command or "python -m benchmarks.run " + shlex.join(sys.argv[1:])
+        publish_results(
+            Path(publish), config["name"], header + table, rows, metrics, device, command
+        )
     log("")
     log(header + table + footer)
     return {
@@ -764,6 +776,33 @@ def run_benchmark(
         "units_run": run_count,
         "units_skipped": skipped,
     }
+
+
+def publish_results(
+    folder: Path,
+    name: str,
+    table: str,
+    rows: Sequence[Mapping[str, Any]],
+    metrics: Sequence[str],
+    device: torch.device,
+    command: str,
+) -> None:
+    """Write ``<folder>/<name>.md`` (table + how it was made) and ``<folder>/<name>.csv``."""
+    env = environment(device=device)
+    cpu = _cpu_model() or env["processor"]
+    provenance = (
+        f"\n\nProduced by `{command}`"
+        f" at commit `{env['git_commit']}` on {env['started']}.\n"
+        f"Machine: {cpu}, {env['cpu_count']} CPUs, {env['torch_threads']} torch threads, "
+        f"device {env['device']}{' (' + env['cuda'] + ')' if env['cuda'] else ''}. "
+        f"Versions: python {env['python']}, torch {env['torch']}, torchvision "
+        f"{env['torchvision']}, pytorch-metric-learning {env['pytorch_metric_learning']}, "
+        f"pml-crt {env['pml_crt']}, faiss {env['faiss']}.\n"
+        f"Per-seed and per-fold values: `{name}.csv`.\n"
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(folder / f"{name}.md", table + provenance)
+    write_atomic(folder / f"{name}.csv", _csv(rows, metrics))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -786,6 +825,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--out", default="runs", help="parent folder of the run folder (default runs/)"
     )
     parser.add_argument("--methods", nargs="+", default=None, help="run only these methods")
+    parser.add_argument(
+        "--publish",
+        default=None,
+        metavar="DIR",
+        help="also write the table with its provenance to DIR/<name>.md and DIR/<name>.csv "
+        "(the committed reports live in benchmarks/results)",
+    )
     parser.add_argument("--verbose", action="store_true", help="show PML's INFO logs")
     parser.add_argument("--no-progress", action="store_true", help="hide the caching progress bars")
     return parser.parse_args(argv)
@@ -804,6 +850,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         methods=args.methods,
         log=lambda s: print(s, flush=True),
         progress=not args.no_progress,
+        publish=args.publish,
+        command="python -m benchmarks.run "
+        + shlex.join(sys.argv[1:] if argv is None else list(argv)),
     )
 
 

@@ -385,6 +385,7 @@ def _files(folder: Path) -> set[str]:
 def test_omniglot_quick_tiny_end_to_end_and_resume(tmp_path, capsys):
     out = tmp_path / "runs"
     argv = ["--config", str(CONFIGS / "omniglot_quick.yaml"), "--out", str(out), "--no-progress"]
+    argv += ["--publish", str(tmp_path / "results")]
     for override in TINY_OMNIGLOT:
         argv += ["--set", override]
     first = bench.main(argv)
@@ -437,6 +438,11 @@ def test_omniglot_quick_tiny_end_to_end_and_resume(tmp_path, capsys):
     csv_lines = (root / "results.csv").read_text().splitlines()
     assert csv_lines[0].startswith("method,evaluation,seed,fold,precision_at_1")
     assert len(csv_lines) == 1 + 3 * 2  # a fold row and a "separate" row per method
+    published = (tmp_path / "results" / "omniglot_quick.md").read_text()
+    assert (root / "table.md").read_text().split("\n\nThis invocation")[0] in published
+    assert "Produced by `python -m benchmarks.run --config" in published
+    assert "Machine: " in published and "pytorch-metric-learning 2." in published
+    assert (tmp_path / "results" / "omniglot_quick.csv").read_text().splitlines() == csv_lines
 
     # Same command again: every unit is skipped and nothing is rewritten.
     stamp = (unit / "results.json").stat().st_mtime_ns
