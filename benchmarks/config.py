@@ -103,6 +103,9 @@ DEFAULTS: dict[str, Any] = {
             "recall_at_8",
         ],
         "primary_metric": "mean_average_precision_at_r",
+        # "test": report the test classes; "val": report the validation classes and never
+        # embed the test classes (ablations that choose defaults use this).
+        "split": "test",
         "prefer_faiss": True,
         "save_embeddings": True,  # needed for the "concatenated" evaluation
     },

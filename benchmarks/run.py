@@ -493,28 +493,38 @@ def run_unit(
     result["epochs_run"] = epochs_run
 
     eval_start = time.time()
-    embeddings, labels = tester.get_all_embeddings(test, trunk, embedder)
-    labels = labels[:, 0]
-    accuracies = calculator.get_accuracy(embeddings, labels, embeddings, labels, True)
-    result["test"] = _metrics(accuracies, metrics)
-    result["embedding_size"] = int(embeddings.shape[1])
-    record_keeper.update_records(
-        {f"{k}_level0": v for k, v in result["test"].items()} | {"epoch": best_epoch},
-        best_epoch,
-        parent_name="test_accuracies",
-    )
+    if report_split(config) == "test":
+        embeddings, labels = tester.get_all_embeddings(test, trunk, embedder)
+        labels = labels[:, 0]
+        accuracies = calculator.get_accuracy(embeddings, labels, embeddings, labels, True)
+        result["test"] = _metrics(accuracies, metrics)
+        result["embedding_size"] = int(embeddings.shape[1])
+        record_keeper.update_records(
+            {f"{k}_level0": v for k, v in result["test"].items()} | {"epoch": best_epoch},
+            best_epoch,
+            parent_name="test_accuracies",
+        )
+        if config["eval"].get("save_embeddings", True):
+            save_atomic(
+                {"embeddings": embeddings.cpu(), "labels": labels.cpu().long()},
+                folder / EMBEDDINGS,
+            )
     record_keeper.save_records()
     if tensorboard is not None:
         tensorboard.close()
-    if config["eval"].get("save_embeddings", True):
-        save_atomic(
-            {"embeddings": embeddings.cpu(), "labels": labels.cpu().long()}, folder / EMBEDDINGS
-        )
     result["train_time_s"] = round(train_time, 2)
     result["eval_time_s"] = round(time.time() - eval_start, 2)
     result["total_time_s"] = round(time.time() - start, 2)
     write_atomic(folder / RESULTS, json.dumps(result, indent=2))
     return result
+
+
+def report_split(config: Mapping[str, Any]) -> str:
+    """``"test"`` or ``"val"``: which classes the results and tables report."""
+    split = config["eval"].get("split", "test")
+    if split not in ("test", "val"):
+        raise ValueError(f"eval.split must be 'test' or 'val', got {split!r}")
+    return split
 
 
 def _count(module: torch.nn.Module) -> dict[str, int]:
@@ -552,6 +562,7 @@ def aggregate(config: Mapping[str, Any], names: Sequence[str], root: Path) -> li
     """
     rows: list[dict[str, Any]] = []
     metrics = list(config["eval"]["metrics"])
+    split = report_split(config)
     calculator = None
     for name in names:
         method = method_config(config, name)
@@ -566,14 +577,15 @@ def aggregate(config: Mapping[str, Any], names: Sequence[str], root: Path) -> li
                         "evaluation": "fold",
                         "seed": seed,
                         "fold": fold,
-                        **result["test"],
+                        **result[split],
                     }
                 )
-            separate = {m: _mean([r["test"][m] for r in results]) for m in metrics}
+            separate = {m: _mean([r[split][m] for r in results]) for m in metrics}
             rows.append(
                 {"method": name, "evaluation": "separate", "seed": seed, "fold": "", **separate}
             )
-            if len(folds) > 1 and all((f / EMBEDDINGS).exists() for f in folders):
+            concatenable = split == "test" and all((f / EMBEDDINGS).exists() for f in folders)
+            if len(folds) > 1 and concatenable:
                 calculator = calculator or make_calculator(config)
                 concat = concatenated_metrics(folders, calculator, metrics)
                 write_atomic(
@@ -733,10 +745,11 @@ def run_benchmark(
         log(f"{tag}: {'evaluating' if is_frozen_method(method) else 'training'}")
         result = run_unit(method, seed, fold, folder, data, device, hub_dir, log)
         run_count += 1
-        test = result["test"]
+        split = report_split(config)
+        reported = result[split]
         log(
-            f"{tag}: test P@1 {100 * test.get('precision_at_1', float('nan')):.2f} "
-            f"MAP@R {100 * test.get('mean_average_precision_at_r', float('nan')):.2f} "
+            f"{tag}: {split} P@1 {100 * reported.get('precision_at_1', float('nan')):.2f} "
+            f"MAP@R {100 * reported.get('mean_average_precision_at_r', float('nan')):.2f} "
             f"(best epoch {result['best_epoch']} of {result['epochs_run']}, "
             f"{result['total_time_s']:.0f} s)"
         )
@@ -752,7 +765,10 @@ def run_benchmark(
     if source is not None:
         header += f": {source.num_classes} classes ({len(source.labels)} images)"
     header += ", "
-    header += f"MLRC split, folds {folds} of {config['num_folds']}.\n\n"
+    header += f"MLRC split, folds {folds} of {config['num_folds']}"
+    if report_split(config) == "val":
+        header += "; VALIDATION classes only (the test classes were never embedded)"
+    header += ".\n\n"
     footer = (
         f"\n\nThis invocation: {run_count} units run, {skipped} skipped, {wall:.0f} s wall "
         f"on {device} ({torch.get_num_threads()} threads, {os.cpu_count()} CPUs)."

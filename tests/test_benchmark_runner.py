@@ -664,3 +664,29 @@ def test_cli_help():
     )
     assert completed.returncode == 0
     assert "--set" in completed.stdout and "--config" in completed.stdout
+
+
+@needs_omniglot
+def test_validation_split_never_embeds_the_test_classes(tmp_path, monkeypatch):
+    embedded_sizes = []
+    original = bench.testers.GlobalEmbeddingSpaceTester.get_all_embeddings
+
+    def spy(self, dataset, *args, **kwargs):
+        embedded_sizes.append(len(dataset))
+        return original(self, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(bench.testers.GlobalEmbeddingSpaceTester, "get_all_embeddings", spy)
+    result = _run(
+        "omniglot_quick",
+        [*TINY_OMNIGLOT, "eval.split=val"],
+        tmp_path,
+        methods=["global_pool"],
+    )
+    unit = json.loads((result["root"] / "global_pool/seed0/fold0/results.json").read_text())
+    assert "test" not in unit and set(unit["val"]) >= {"mean_average_precision_at_r"}
+    assert set(embedded_sizes) == {unit["num_images"]["val"]}
+    assert (
+        result["rows"][0]["mean_average_precision_at_r"]
+        == unit["val"]["mean_average_precision_at_r"]
+    )
+    assert "VALIDATION classes only" in (result["root"] / "table.md").read_text()
