@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
-from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.regularizers import BaseRegularizer
 
-from ..utils.consistency import (
-    Mode,
-    StopGradient,
-    check_consistency_options,
-    similarity_consistency,
-)
+from ..utils.consistency import SimilarityConsistencyMixin
 
 
-class SimilarityConsistencyRegularizer(BaseRegularizer):
+class SimilarityConsistencyRegularizer(SimilarityConsistencyMixin, BaseRegularizer):
     """The similarity-consistency term as an ``embedding_regularizer``.
 
     Use it on any PML loss that is applied to the concatenated multi-head
@@ -38,46 +31,6 @@ class SimilarityConsistencyRegularizer(BaseRegularizer):
             ``CosineSimilarity()``; ``reducer``).
     """
 
-    def __init__(
-        self,
-        embedding_sizes: Sequence[int],
-        mode: Mode = "mse",
-        temperature: float = 0.1,
-        stop_gradient: StopGradient = None,
-        include_diagonal: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.embedding_sizes = check_consistency_options(
-            embedding_sizes, mode, temperature, stop_gradient, self.distance
-        )
-        self.num_heads = len(self.embedding_sizes)
-        self.mode = mode
-        self.temperature = float(temperature)
-        self.stop_gradient = stop_gradient
-        self.include_diagonal = bool(include_diagonal)
-        self.add_to_recordable_attributes(
-            list_of_names=["num_heads", "temperature", "include_diagonal"], is_stat=False
-        )
-
-    def get_default_distance(self) -> CosineSimilarity:
-        return CosineSimilarity()
-
     def compute_loss(self, x: torch.Tensor) -> dict[str, dict[str, Any]]:
-        value = similarity_consistency(
-            x,
-            self.embedding_sizes,
-            mode=self.mode,
-            distance=self.distance,
-            temperature=self.temperature,
-            stop_gradient=self.stop_gradient,
-            include_diagonal=self.include_diagonal,
-        )
+        value = self.consistency(x)
         return {"loss": {"losses": value, "indices": None, "reduction_type": "already_reduced"}}
-
-    def extra_repr(self) -> str:
-        return (
-            f"embedding_sizes={self.embedding_sizes}, mode={self.mode!r}, "
-            f"temperature={self.temperature}, stop_gradient={self.stop_gradient!r}, "
-            f"include_diagonal={self.include_diagonal}"
-        )

@@ -177,3 +177,59 @@ def similarity_consistency(
             term = F.kl_div(student, target, reduction="none", log_target=True).sum(1).mean()
         pair_terms.append(term)
     return torch.stack(pair_terms).mean()
+
+
+class SimilarityConsistencyMixin:
+    """Options and evaluation shared by the loss and the regularizer forms of the term.
+
+    Mixed in before a PML base class (``BaseMetricLossFunction`` or
+    ``BaseRegularizer``), which receives ``**kwargs`` (``distance``,
+    ``reducer``, ...). The default distance is ``CosineSimilarity()``.
+    """
+
+    def __init__(
+        self,
+        embedding_sizes: Sequence[int],
+        mode: Mode = "mse",
+        temperature: float = 0.1,
+        stop_gradient: StopGradient = None,
+        include_diagonal: bool = False,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.embedding_sizes = check_consistency_options(
+            embedding_sizes, mode, temperature, stop_gradient, self.distance
+        )
+        self.num_heads = len(self.embedding_sizes)
+        self.mode = mode
+        self.temperature = float(temperature)
+        self.stop_gradient = stop_gradient
+        self.include_diagonal = bool(include_diagonal)
+        self.add_to_recordable_attributes(
+            list_of_names=["num_heads", "temperature", "include_diagonal"], is_stat=False
+        )
+
+    def get_default_distance(self) -> CosineSimilarity:
+        return CosineSimilarity()
+
+    def consistency(
+        self, embeddings: torch.Tensor, ref_embeddings: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The term for ``(B, sum(embedding_sizes))`` embeddings (and ``(R, ...)`` references)."""
+        return similarity_consistency(
+            embeddings,
+            self.embedding_sizes,
+            ref_embeddings=ref_embeddings,
+            mode=self.mode,
+            distance=self.distance,
+            temperature=self.temperature,
+            stop_gradient=self.stop_gradient,
+            include_diagonal=self.include_diagonal,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"embedding_sizes={self.embedding_sizes}, mode={self.mode!r}, "
+            f"temperature={self.temperature}, stop_gradient={self.stop_gradient!r}, "
+            f"include_diagonal={self.include_diagonal}"
+        )
