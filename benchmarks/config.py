@@ -101,6 +101,8 @@ DEFAULTS: dict[str, Any] = {
             "recall_at_2",
             "recall_at_4",
             "recall_at_8",
+            "spectral_decay",
+            "embedding_density",
         ],
         "primary_metric": "mean_average_precision_at_r",
         # "test": report the test classes; "val": report the validation classes and never

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import torch
 from pytorch_metric_learning.utils.accuracy_calculator import (
-    AccuracyCalculator,
     maybe_get_avg_of_avgs,
     nan_accuracy,
     try_getting_not_lone_labels,
 )
+
+from pml_crt.utils import AnalysisAccuracyCalculator
 
 __all__ = ["RECALL_KS", "BenchmarkAccuracyCalculator", "recall_at_k"]
 
@@ -51,8 +52,9 @@ def recall_at_k(
     )
 
 
-class BenchmarkAccuracyCalculator(AccuracyCalculator):
-    """PML's ``AccuracyCalculator`` plus ``recall_at_{1,2,4,8}``.
+class BenchmarkAccuracyCalculator(AnalysisAccuracyCalculator):
+    """PML's ``AccuracyCalculator`` plus ``recall_at_{1,2,4,8}``, ``spectral_decay`` and
+    ``embedding_density`` (Roth et al., ICML 2020; see ``pml_crt.utils.analysis_metrics``).
 
     Build it like ``AccuracyCalculator`` (``include``, ``k``, ``knn_func``...),
     e.g. through ``pml_crt.utils.make_accuracy_calculator(calculator_class=...)``.

@@ -70,7 +70,11 @@ TABLE_METRICS = {
     "r_precision": "R-Precision",
     "mean_average_precision_at_r": "MAP@R",
     "recall_at_1": "R@1",
+    "spectral_decay": "spectral decay ρ",
+    "embedding_density": "density π",
 }
+# Metrics shown as they are (not as percent), with 3 decimals.
+_UNSCALED = {"spectral_decay", "embedding_density"}
 # Keys that do not change a unit's results: a re-run may differ in them and still skip.
 _NON_SEMANTIC = {
     ("seeds",),  # a unit is one (seed, fold): the lists of others may grow
@@ -340,7 +344,8 @@ def _metrics(accuracies: Mapping[str, Any], names: Sequence[str]) -> dict[str, f
     for name in names:
         for key in (f"{name}_level0", name):
             if key in accuracies:
-                out[name] = float(accuracies[key])
+                value = accuracies[key]  # sqlite hands a stored NaN back as None
+                out[name] = float("nan") if value is None else float(value)
                 break
     return out
 
@@ -641,11 +646,21 @@ def results_table(rows: Sequence[Mapping[str, Any]], seeds: Sequence[int]) -> st
     for (method, evaluation), group in groups.items():
         label = {"separate": "separate (mean of fold models)", "concatenated": "concatenated folds"}
         cells = [method] + ([label[evaluation]] if show_evaluation else [])
-        cells += [format_mean_ci([r[m] for r in group]) for m in columns]
+        cells += [
+            format_mean_ci([r[m] for r in group], 1.0, 3)
+            if m in _UNSCALED
+            else format_mean_ci([r[m] for r in group])
+            for m in columns
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     note = f"\n\nPercent; mean ± 95% CI (Student t) over seeds {list(seeds)}"
     if len(seeds) < 2:
         note = f"\n\nPercent; one seed ({list(seeds)}), so no CI"
+    if any(m in _UNSCALED for m in columns):
+        note += (
+            "; spectral decay ρ (lower: flatter spectrum) and density π (intra-class over "
+            "inter-class-centre distance) are plain numbers (Roth et al., ICML 2020)"
+        )
     if "recall_at_1" in columns:
         note += "; R@1 equals P@1 by definition (R@2/4/8 in results.csv)"
     return "\n".join(lines) + note + "."

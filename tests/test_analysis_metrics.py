@@ -321,3 +321,14 @@ def test_stock_tester_reports_analysis_metrics():
     assert accuracies["embedding_density_level0"] == pytest.approx(
         _reference_embedding_density(normalised, labels), rel=1e-6
     )
+
+
+def test_calculator_reports_nan_density_for_a_single_class():
+    from pml_crt.utils import AnalysisAccuracyCalculator
+
+    calculator = AnalysisAccuracyCalculator(
+        include=("embedding_density",), knn_func=lambda *a: 1 / 0
+    )
+    x = torch.nn.functional.normalize(torch.randn(6, 4), dim=1)
+    result = calculator.get_accuracy(x, torch.zeros(6, dtype=torch.long))
+    assert math.isnan(result["embedding_density"])

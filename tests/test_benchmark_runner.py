@@ -422,8 +422,13 @@ def test_omniglot_quick_tiny_end_to_end_and_resume(tmp_path, capsys):
             "recall_at_2",
             "recall_at_4",
             "recall_at_8",
+            "spectral_decay",
+            "embedding_density",
         }
-        assert all(0.0 <= v <= 1.0 for v in result[split].values())
+        assert all(
+            0.0 <= v <= 1.0 for k, v in result[split].items() if k.startswith(("p", "r", "m"))
+        )
+        assert result[split]["spectral_decay"] >= 0.0 and result[split]["embedding_density"] > 0.0
     config = yaml.safe_load((unit / "config.yaml").read_text())
     assert config["embedder"]["type"] == "MultiHeadCRT" and config["seed"] == 0
     assert config["dataset"]["max_classes"] == 16

@@ -223,4 +223,11 @@ class AnalysisAccuracyCalculator(AccuracyCalculator):
         return spectral_decay(query)
 
     def calculate_embedding_density(self, query, query_labels, **kwargs):
+        # A split with one class, or only singletons, has no density: report NaN as PML
+        # does for other undefined metrics, instead of failing the whole evaluation.
+        classes, counts = torch.unique(
+            query_labels.reshape(len(query_labels), -1)[:, 0], return_counts=True
+        )
+        if len(classes) < 2 or not bool((counts > 1).any()):
+            return float("nan")
         return embedding_density(query, query_labels)
