@@ -19,12 +19,13 @@ method:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-import tqdm
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from pml_crt.datasets import CachedDataset, cache_dataset
 
 __all__ = [
     "CachedDataset",
@@ -34,45 +35,6 @@ __all__ = [
     "cache_module_outputs",
     "frozen_prefix",
 ]
-
-
-class CachedDataset(Dataset):
-    """Items ``(transform(data[i]), labels[i])`` from an in-memory tensor.
-
-    Args:
-        data: ``(N, ...)`` tensor, one row per item.
-        labels: ``N`` int labels (kept as the ``labels`` list PML's
-            ``MPerClassSampler`` reads).
-        transform: applied to each row on access (or None).
-    """
-
-    def __init__(
-        self,
-        data: torch.Tensor,
-        labels: Sequence[int],
-        transform: Callable[[torch.Tensor], Any] | None = None,
-    ) -> None:
-        super().__init__()
-        if len(data) != len(labels):
-            raise ValueError(f"{len(data)} rows of data but {len(labels)} labels")
-        self.data = data
-        self.labels = [int(y) for y in labels]
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        x = self.data[index]
-        if self.transform is not None:
-            x = self.transform(x)
-        return x, self.labels[index]
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(items={len(self)}, shape={tuple(self.data.shape[1:])}, "
-            f"dtype={self.data.dtype})"
-        )
 
 
 class LabelSubset(Dataset):
@@ -105,35 +67,6 @@ class LabelSubset(Dataset):
         return len(set(self.labels))
 
 
-def _loader(dataset: Dataset, batch_size: int, num_workers: int) -> DataLoader:
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, drop_last=False
-    )
-
-
-def cache_dataset(
-    dataset: Dataset,
-    transform: Callable[[torch.Tensor], Any] | None = None,
-    *,
-    batch_size: int = 256,
-    num_workers: int = 0,
-    desc: str = "caching",
-    progress: bool = True,
-) -> CachedDataset:
-    """Run ``dataset`` once and keep its stacked items in memory.
-
-    ``dataset`` must return ``(tensor, int label)`` of one shape. ``transform``
-    is the per-access transform of the result (not applied while caching).
-    """
-    chunks: list[torch.Tensor] = []
-    labels: list[int] = []
-    batches = _loader(dataset, batch_size, num_workers)
-    for x, y in tqdm.tqdm(batches, desc=desc, disable=not progress, leave=False):
-        chunks.append(x)
-        labels.extend(int(v) for v in y)
-    return CachedDataset(torch.cat(chunks), labels, transform)
-
-
 @torch.no_grad()
 def cache_module_outputs(
     module: torch.nn.Module,
@@ -152,17 +85,17 @@ def cache_module_outputs(
     """
     was_training = module.training
     module.eval()
-    chunks: list[torch.Tensor] = []
-    labels: list[int] = []
     try:
-        for x, y in tqdm.tqdm(
-            _loader(dataset, batch_size, num_workers), desc=desc, disable=not progress, leave=False
-        ):
-            chunks.append(module(x.to(device)).to("cpu", dtype))
-            labels.extend(int(v) for v in y)
+        return cache_dataset(
+            dataset,
+            map_batch=lambda x: module(x.to(device)).to("cpu", dtype),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            desc=desc,
+            progress=progress,
+        )
     finally:
         module.train(was_training)
-    return CachedDataset(torch.cat(chunks), labels)
 
 
 def frozen_prefix(trunk: torch.nn.Module, num_blocks: int | None = None) -> torch.nn.Sequential:

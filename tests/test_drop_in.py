@@ -12,7 +12,7 @@ from pytorch_metric_learning import losses, miners, samplers, testers, trainers
 from pytorch_metric_learning.utils import logging_presets
 from torchvision import transforms
 
-from pml_crt.datasets import OmniglotCharacters
+from pml_crt.datasets import OmniglotCharacters, cache_dataset
 from pml_crt.losses import MultiHeadLoss
 from pml_crt.models import MultiHeadCRT
 from pml_crt.trunks import SmallConvNet
@@ -26,24 +26,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-class _InMemory(torch.utils.data.Dataset):
-    """Decode a small dataset once so the test spends its time training."""
-
-    def __init__(self, dataset):
-        items = [dataset[i] for i in range(len(dataset))]
-        self.images = torch.stack([x for x, _ in items])
-        self.labels = [int(y) for _, y in items]
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.images[i], self.labels[i]
-
-
 def _omniglot(classes):
     transform = transforms.Compose([transforms.Resize(28), transforms.ToTensor()])
-    return _InMemory(OmniglotCharacters(DATA, transform=transform, class_subset=classes))
+    return cache_dataset(
+        OmniglotCharacters(DATA, transform=transform, class_subset=classes), progress=False
+    )
 
 
 @pytest.fixture(scope="module")
