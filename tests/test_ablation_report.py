@@ -1,0 +1,67 @@
+"""The paired ablation report: differences, CIs and verdicts from the runner's CSV."""
+
+import csv
+
+import pytest
+
+from benchmarks.ablation_report import main, paired_differences, read_separate_rows, verdict
+
+
+def _write(path, rows):
+    fields = [
+        "method",
+        "evaluation",
+        "seed",
+        "fold",
+        "precision_at_1",
+        "mean_average_precision_at_r",
+    ]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _row(method, seed, p1, mapr, evaluation="separate"):
+    return {
+        "method": method,
+        "evaluation": evaluation,
+        "seed": seed,
+        "fold": "",
+        "precision_at_1": p1,
+        "mean_average_precision_at_r": mapr,
+    }
+
+
+def test_paired_differences_by_hand(tmp_path):
+    path = tmp_path / "ablation.csv"
+    _write(
+        path,
+        [
+            _row("base", 0, 0.50, 0.30),
+            _row("base", 1, 0.60, 0.40),
+            _row("base", 0, 0.99, 0.99, evaluation="fold"),  # ignored: not a "separate" row
+            _row("up", 0, 0.52, 0.33),
+            _row("up", 1, 0.62, 0.43),
+            _row("noisy", 0, 0.55, 0.20),
+            _row("noisy", 1, 0.55, 0.50),
+        ],
+    )
+    rows = {r["method"]: r for r in paired_differences(read_separate_rows(path), "base")}
+    mean, half = rows["up"]["mean_average_precision_at_r"]
+    assert mean == pytest.approx(0.03) and half == pytest.approx(0.0)
+    assert verdict(mean, half) == "better"
+    mean, half = rows["noisy"]["mean_average_precision_at_r"]
+    # differences -0.10 and +0.10: mean 0, sample sd 0.1 * sqrt(2), half-width t(1) * sd / sqrt(2)
+    assert mean == pytest.approx(0.0) and half == pytest.approx(12.706 * 0.1)
+    assert verdict(mean, half) == "no difference"
+    text = main([str(path), "--base", "base", "--out", str(tmp_path / "out.md")])
+    assert "| up | +2.00 ± 0.00 | +3.00 ± 0.00 | better |" in text
+    assert (tmp_path / "out.md").read_text() == text
+
+
+def test_missing_base_is_an_error(tmp_path):
+    path = tmp_path / "ablation.csv"
+    _write(path, [_row("a", 0, 0.5, 0.3)])
+    with pytest.raises(ValueError, match="base method 'base' not in the results"):
+        paired_differences(read_separate_rows(path), "base")
