@@ -11,7 +11,8 @@ loss and miner), validates every ``test_interval`` epochs with
 (record-keeper logs, best checkpoint by validation MAP@R, early stopping with
 ``patience``), reloads the best checkpoint and evaluates it on the test
 classes. Results land in ``<out>/<config name>/<method>/seed<k>/fold<p>/``;
-a unit whose ``results.json`` exists is skipped, so an interrupted run is
+a unit whose ``results.json`` exists is skipped, and an unfinished one continues
+from its last completed epoch (``resume/resume.json``), so an interrupted run is
 resumed by running the same command again. At the end the per-fold results
 are combined ("separate": mean over fold models; "concatenated": the fold
 models' L2-normalised embeddings concatenated) and a markdown table (mean ±
@@ -31,6 +32,7 @@ import platform
 import random
 import shlex
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -43,6 +45,7 @@ import numpy as np
 import torch
 import yaml
 from pytorch_metric_learning import samplers, testers, trainers
+from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import logging_presets
 
 import pml_crt
@@ -92,6 +95,8 @@ _NON_SEMANTIC = {
 }
 RESULTS = "results.json"
 EMBEDDINGS = "test_embeddings.pt"
+RESUME = "resume"  # a unit's resume points: resume/resume.json + resume/models<epoch>/
+MARKER = "resume.json"
 
 Log = Callable[[str], None]
 
@@ -368,6 +373,197 @@ def _check_batch(split_name: str, classes: int, config: Mapping[str, Any]) -> No
         )
 
 
+# --------------------------------------------------------------------------- resuming a unit
+#
+# A unit's "completed epoch" is a test epoch (``epoch % test_interval == 0``) whose
+# record-keeper rows, model/optimizer/scheduler/loss/miner files and RNG + sampler state
+# are all on disk. HookContainer's end-of-epoch hook (stock) writes, in this order: the
+# record-keeper rows of the epoch (``save_records``: CSV files, then logs.db), then
+# ``models/*_<epoch>.pth`` (deleting ``*_<epoch - test_interval>.pth``), then the best
+# checkpoint (deleting the previous best). After it returns, ``_write_resume_point``
+# hard-links the checkpoint files into ``resume/models<epoch>/`` (they survive the
+# deletions of the next epoch), then writes ``resume/resume.json`` atomically, LAST: the
+# epoch, the RNG states, the sampler's label order, and how far every log reached (CSV
+# byte sizes, SQLite max row id per table). A kill anywhere before the marker's
+# ``os.replace`` leaves the previous marker in force; on resume everything newer than it
+# (log rows, checkpoint files, embeddings) is dropped and the epoch is redone.
+
+
+def _rng_state() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _log_positions(logs: Path) -> dict[str, dict[str, int]]:
+    """How far the record-keeper logs reach: CSV byte sizes and SQLite max row id per table."""
+    csvs = {p.name: p.stat().st_size for p in sorted(logs.glob("*.csv"))}
+    tables: dict[str, int] = {}
+    db = logs / "logs.db"
+    if db.exists():
+        with sqlite3.connect(db) as conn:
+            names = conn.execute(
+                "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'"
+            ).fetchall()
+            for (name,) in names:
+                (top,) = conn.execute(f'SELECT coalesce(max(id), 0) FROM "{name}"').fetchone()
+                tables[name] = int(top)
+        conn.close()
+    return {"csv": csvs, "db": tables}
+
+
+def _truncate_logs(logs: Path, positions: Mapping[str, Mapping[str, int]]) -> None:
+    """Drop every log row written after ``positions`` (CSV and SQLite), ids included."""
+    logs.mkdir(parents=True, exist_ok=True)
+    for path in logs.glob("*.csv"):
+        size = positions["csv"].get(path.name)
+        if size is None:
+            path.unlink()
+        elif path.stat().st_size > size:
+            with path.open("r+b") as f:
+                f.truncate(size)
+    db = logs / "logs.db"
+    if not db.exists():
+        return
+    with sqlite3.connect(db) as conn:
+        names = conn.execute(
+            "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'"
+        ).fetchall()
+        has_sequence = bool(
+            conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='sqlite_sequence'"
+            ).fetchall()
+        )
+        for (name,) in names:
+            top = positions["db"].get(name)
+            if top is None:
+                conn.execute(f'DROP TABLE "{name}"')
+                if has_sequence:
+                    conn.execute("DELETE FROM sqlite_sequence WHERE name=?", (name,))
+                continue
+            conn.execute(f'DELETE FROM "{name}" WHERE id > ?', (top,))
+            if has_sequence:  # AUTOINCREMENT: the next row gets id top + 1, as uninterrupted
+                conn.execute("UPDATE sqlite_sequence SET seq=? WHERE name=?", (top, name))
+    conn.close()
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _write_resume_point(
+    folder: Path, trainer: Any, sampler: samplers.MPerClassSampler, stopped: bool
+) -> bool:
+    """Write ``resume/`` for the epoch the trainer just finished; ``False`` if not resumable.
+
+    Called after HookContainer's end-of-epoch hook has saved the epoch's records and
+    checkpoint files. The marker goes last, atomically.
+    """
+    epoch = int(trainer.epoch)
+    iterator = getattr(trainer, "dataloader_iter", None)
+    if getattr(iterator, "_num_yielded", None) != len(trainer.dataloader):
+        # The next epoch would continue a half-used index list: not reproducible from here.
+        return False
+    resume, models = folder / RESUME, folder / "models"
+    resume.mkdir(exist_ok=True)
+    name = f"models{epoch}"
+    staging = resume / f".{name}.tmp"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    for path in sorted(models.glob("*.pth")):
+        _link_or_copy(path, staging / path.name)
+    if (resume / name).exists():
+        shutil.rmtree(resume / name)
+    os.replace(staging, resume / name)
+    marker = {
+        "epoch": epoch,
+        "global_iteration": int(trainer.get_global_iteration()),
+        "stopped": bool(stopped),
+        "models": name,
+        "sampler_labels": [int(label) for label in sampler.labels],
+        "rng": _rng_state(),
+        "logs": _log_positions(folder / "logs"),
+    }
+    write_atomic(resume / MARKER, json.dumps(marker))
+    for path in resume.iterdir():
+        if path.name not in (MARKER, name):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return True
+
+
+def _read_resume_point(folder: Path, unit_config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The marker of an unfinished unit run under the same config, else ``None``."""
+    try:
+        marker = json.loads((folder / RESUME / MARKER).read_text())
+        stored = yaml.safe_load((folder / "config.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    if not isinstance(stored, dict) or _semantic(stored) != _semantic(unit_config):
+        return None
+    if not isinstance(marker, dict) or not {"epoch", "models", "rng", "logs"} <= set(marker):
+        return None
+    if not (folder / RESUME / str(marker["models"])).is_dir():
+        return None
+    return marker
+
+
+def _restore_resume_point(folder: Path, marker: Mapping[str, Any]) -> None:
+    """Roll the unit folder back to the marker: checkpoint files, logs; drop newer outputs."""
+    resume, models = folder / RESUME, folder / "models"
+    for path in resume.iterdir():
+        if path.name not in (MARKER, marker["models"]):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if models.exists():
+        shutil.rmtree(models)
+    models.mkdir()
+    for path in sorted((resume / marker["models"]).glob("*.pth")):
+        shutil.copy2(path, models / path.name)  # a copy: the resume point stays untouched
+    _truncate_logs(folder / "logs", marker["logs"])
+    (folder / EMBEDDINGS).unlink(missing_ok=True)
+
+
+def _load_resume_state(
+    trainer: Any,
+    hooks: logging_presets.HookContainer,
+    sampler: samplers.MPerClassSampler,
+    folder: Path,
+    marker: Mapping[str, Any],
+    device: torch.device,
+) -> None:
+    """Load the marker epoch's trainer objects, sampler order and RNG states."""
+    for name in hooks.saveable_trainer_objects:
+        objects = getattr(trainer, name, None)
+        if objects:
+            c_f.load_dict_of_models(objects, marker["epoch"], str(folder / "models"), device)
+    by_value = {int(label): label for label in sampler.labels}
+    sampler.labels = [by_value[label] for label in marker["sampler_labels"]]
+    hash_map = folder / "logs" / "hash_map.json"
+    if hash_map.exists():
+        hooks.record_keeper.hash_map.update(json.loads(hash_map.read_text()))
+    _set_rng_state(marker["rng"])
+
+
 def run_unit(
     config: Mapping[str, Any],
     seed: int,
@@ -378,13 +574,30 @@ def run_unit(
     hub_dir: Path,
     log: Log = print,
 ) -> dict[str, Any]:
-    """Train (unless frozen) and test one (method, seed, fold); write ``results.json``."""
-    if folder.exists():
-        shutil.rmtree(folder)  # an unfinished unit: start it over
-    folder.mkdir(parents=True)
+    """Train (unless frozen) and test one (method, seed, fold); write ``results.json``.
+
+    An unfinished unit with a resume point (``resume/resume.json``, same config)
+    continues from that epoch; any other unfinished unit folder is started over.
+    """
     unit_config = json.loads(json.dumps({**config, "seed": seed, "fold": fold}))
-    write_atomic(folder / "config.yaml", yaml.safe_dump(unit_config, sort_keys=False))
-    write_atomic(folder / "env.json", json.dumps(environment(seed, device), indent=2))
+    marker = _read_resume_point(folder, unit_config) if folder.exists() else None
+    env = environment(seed, device)
+    if marker is not None:
+        _restore_resume_point(folder, marker)
+        try:
+            previous = json.loads((folder / "env.json").read_text())
+        except (OSError, ValueError):
+            previous = {}
+        resumes = previous.get("resumes", [])
+        resumes.append({"epoch": marker["epoch"], **{k: env[k] for k in ("started", "command")}})
+        env = {**previous, "resumes": resumes} if previous else {**env, "resumes": resumes}
+        log(f"resuming {folder} after epoch {marker['epoch']}")
+    else:
+        if folder.exists():
+            shutil.rmtree(folder)  # an unfinished unit without a resume point: start it over
+        folder.mkdir(parents=True)
+        write_atomic(folder / "config.yaml", yaml.safe_dump(unit_config, sort_keys=False))
+    write_atomic(folder / "env.json", json.dumps(env, indent=2))
     start = time.time()
 
     source = data.source
@@ -453,14 +666,23 @@ def run_unit(
             batch_size=batch_size,
             length_before_new_iter=batch_size * iterations,
         )
-        end_of_epoch_hook = hooks.end_of_epoch_hook(
+        test_interval = int(training["test_interval"])
+        hook = hooks.end_of_epoch_hook(
             tester,
             {"val": val},
             str(model_dir),
-            test_interval=int(training["test_interval"]),
+            test_interval=test_interval,
             patience=training.get("patience"),
             splits_to_eval=[("val", ["val"])],
         )
+
+        def end_of_epoch_hook(trainer: trainers.BaseTrainer) -> bool:
+            # The stock hook (records, then checkpoint files), then the resume marker.
+            keep_going = hook(trainer)
+            if trainer.epoch % test_interval == 0:
+                _write_resume_point(folder, trainer, sampler, stopped=keep_going is False)
+            return keep_going
+
         trainer = trainers.MetricLossOnly(
             models=models,
             optimizers=optimizers,
@@ -475,8 +697,13 @@ def run_unit(
             end_of_iteration_hook=hooks.end_of_iteration_hook,
             end_of_epoch_hook=end_of_epoch_hook,
         )
-        trainer.train(num_epochs=int(training["num_epochs"]))
-        epochs_run = int(trainer.epoch)
+        num_epochs, epochs_run = int(training["num_epochs"]), 0
+        if marker is not None:
+            _load_resume_state(trainer, hooks, sampler, folder, marker, device)
+            epochs_run = int(marker["epoch"])
+        if not (marker is not None and marker["stopped"]) and epochs_run < num_epochs:
+            trainer.train(start_epoch=epochs_run + 1, num_epochs=num_epochs)
+            epochs_run = int(trainer.epoch)
         best_epoch, _ = hooks.get_best_epoch_and_accuracy(tester, "val")
         if best_epoch is None:
             raise RuntimeError(
@@ -521,6 +748,7 @@ def run_unit(
     result["eval_time_s"] = round(time.time() - eval_start, 2)
     result["total_time_s"] = round(time.time() - start, 2)
     write_atomic(folder / RESULTS, json.dumps(result, indent=2))
+    shutil.rmtree(folder / RESUME, ignore_errors=True)  # finished: results.json marks it
     return result
 
 

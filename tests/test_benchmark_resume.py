@@ -1,0 +1,183 @@
+"""Resumable benchmark units: a run killed mid-training and restarted loses and repeats nothing.
+
+A tiny Omniglot unit (global_pool, 3 epochs, a log row every iteration) runs
+uninterrupted once; then the same command runs as a real subprocess, is
+killed with SIGKILL once epoch 1's resume marker exists, and is run again to
+completion. The resumed unit's results, test embeddings, every record-keeper
+CSV file and every SQLite table (row ids included) must equal the
+uninterrupted run's exactly (CPU, so bitwise). A second test crashes the
+unit at the worst moment, after epoch 2's log rows and checkpoint files are
+written but before its marker, and checks the same.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import run as bench
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Converting a tensor with requires_grad=True:UserWarning"  # PML trainer's pbar
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "benchmarks" / "configs" / "omniglot_quick.yaml"
+DATA = ROOT.parent / "shared" / "data"
+
+needs_omniglot = pytest.mark.skipif(
+    not (DATA / "omniglot-py" / "images_background").is_dir(),
+    reason=f"Omniglot not found under {DATA} (see SPEC section 4)",
+)
+
+OVERRIDES = [
+    f"dataset.root={DATA}",
+    "dataset.max_classes=16",
+    "seeds=[0]",
+    "training.iterations_per_epoch=20",
+    "training.num_epochs=3",
+    "training.patience=null",
+    "training.batch_size=12",
+    "training.num_workers=0",
+    "training.log_freq=1",
+    "eval.batch_size=64",
+]
+UNIT = Path("omniglot_quick") / "global_pool" / "seed0" / "fold0"
+
+
+def _argv(out: Path) -> list[str]:
+    argv = ["--config", str(CONFIG), "--out", str(out), "--no-progress"]
+    argv += ["--methods", "global_pool"]
+    for override in OVERRIDES:
+        argv += ["--set", override]
+    return argv
+
+
+def _snapshot(unit: Path) -> dict:
+    """Results, test embeddings, every CSV log file and every SQLite table of a unit."""
+    result = json.loads((unit / "results.json").read_text())
+    csvs = {p.name: p.read_text() for p in sorted((unit / "logs").glob("*.csv"))}
+    tables = {}
+    with sqlite3.connect(unit / "logs" / "logs.db") as conn:
+        names = conn.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()
+        for (name,) in names:
+            order = "" if name == "sqlite_sequence" else " ORDER BY id"
+            tables[name] = conn.execute(f'SELECT * FROM "{name}"{order}').fetchall()
+    conn.close()
+    embeddings = torch.load(unit / "test_embeddings.pt", weights_only=True)
+    models = sorted(p.name for p in (unit / "models").glob("*.pth"))
+    return {
+        "result": {k: result[k] for k in ("val", "test", "best_epoch", "epochs_run")},
+        "csv": csvs,
+        "db": tables,
+        "embeddings": embeddings,
+        "models": models,
+    }
+
+
+def _assert_same(resumed: dict, reference: dict) -> None:
+    assert resumed["result"] == reference["result"]
+    assert resumed["models"] == reference["models"]
+    for key in ("embeddings", "labels"):
+        assert torch.equal(resumed["embeddings"][key], reference["embeddings"][key])
+    assert resumed["csv"].keys() == reference["csv"].keys()
+    for name, text in reference["csv"].items():
+        assert resumed["csv"][name] == text, name
+    assert resumed["db"].keys() == reference["db"].keys()
+    for name, rows in reference["db"].items():
+        assert resumed["db"][name] == rows, name
+    # every iteration logged exactly once: 3 epochs x 20 iterations
+    iterations = [row[1] for row in resumed["db"]["loss_histories"]]
+    assert iterations == list(range(60))
+    lines = resumed["csv"]["loss_histories.csv"].splitlines()
+    assert lines[0].startswith("~iteration~") and len(lines) == 1 + 60
+    epochs = [row[1] for row in resumed["db"]["test_accuracies"]]
+    assert len(epochs) == 1
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    assert bench.main(_argv(out))["units_run"] == 1
+    snapshot = _snapshot(out / UNIT)
+    assert not (out / UNIT / bench.RESUME).exists()
+    assert snapshot["result"]["epochs_run"] == 3
+    return snapshot
+
+
+def _marker_epoch(unit: Path) -> int:
+    try:
+        return json.loads((unit / bench.RESUME / bench.MARKER).read_text())["epoch"]
+    except (OSError, ValueError):
+        return 0
+
+
+@needs_omniglot
+def test_killed_run_resumes_exactly(reference, tmp_path):
+    out = tmp_path / "runs"
+    unit = out / UNIT
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "benchmarks.run", *_argv(out)]
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.time() + 120
+        while _marker_epoch(unit) < 1:
+            assert process.poll() is None, process.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "no resume marker after 120 s"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+        process.stderr.close()
+    assert not (unit / bench.RESULTS).exists(), "killed too late: the unit had finished"
+    assert process.returncode == -signal.SIGKILL
+    killed_at = _marker_epoch(unit)
+    assert 1 <= killed_at < 3
+
+    resumed = bench.main(_argv(out))  # the same command again
+    assert resumed["units_run"] == 1
+    _assert_same(_snapshot(unit), reference)
+    assert not (unit / bench.RESUME).exists()
+    resumes = json.loads((unit / "env.json").read_text())["resumes"]
+    assert [r["epoch"] for r in resumes] == [killed_at]
+
+
+class _Crash(Exception):
+    pass
+
+
+@needs_omniglot
+def test_crash_before_marker_drops_newer_rows(reference, tmp_path, monkeypatch):
+    # The worst moment: epoch 2's log rows and checkpoint files (incl. a new best that
+    # replaced best1) are on disk, its marker is not.
+    out = tmp_path / "runs"
+    unit = out / UNIT
+    write = bench._write_resume_point
+
+    def crash_at_epoch_2(folder, trainer, sampler, stopped):
+        if trainer.epoch == 2:
+            raise _Crash
+        return write(folder, trainer, sampler, stopped)
+
+    monkeypatch.setattr(bench, "_write_resume_point", crash_at_epoch_2)
+    with pytest.raises(_Crash):
+        bench.main(_argv(out))
+    monkeypatch.undo()
+    assert _marker_epoch(unit) == 1
+    lines = (unit / "logs" / "loss_histories.csv").read_text().splitlines()
+    assert len(lines) == 1 + 40  # epoch 2's rows were written after the marker
+
+    assert bench.main(_argv(out))["units_run"] == 1
+    _assert_same(_snapshot(unit), reference)
