@@ -62,3 +62,13 @@ def test_falls_back_to_custom_knn_without_faiss(monkeypatch):
     x, labels = _clustered_embeddings(seed=1)
     got = calculator.get_accuracy(x, labels)
     assert got["precision_at_1"] == pytest.approx(_reference_metrics(x, labels)["precision_at_1"])
+
+
+def test_clustering_metrics_keep_pml_equality():
+    if not faiss_available():
+        pytest.skip("NMI/AMI need faiss's k-means")
+    x, labels = _clustered_embeddings(seed=2)
+    calculator = make_accuracy_calculator(include=("precision_at_1", "NMI"))
+    got = calculator.get_accuracy(x, labels)
+    assert got["precision_at_1"] == pytest.approx(_reference_metrics(x, labels)["precision_at_1"])
+    assert 0.0 < got["NMI"] <= 1.0

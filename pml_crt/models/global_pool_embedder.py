@@ -120,7 +120,10 @@ class GlobalPoolEmbedder(ModuleWithRecords):
         if self.pooling == "max":
             return tokens.amax(dim=1)
         p = self.gem_p.to(tokens.dtype)
-        return tokens.clamp(min=self.gem_eps).pow(p).mean(dim=1).pow(1.0 / p)
+        # x ** p as exp(p * log x): two transcendental passes forward and none
+        # backward (pow with a tensor exponent recomputes pow and log there).
+        powered = torch.exp(p * torch.log(tokens.clamp(min=self.gem_eps)))
+        return powered.mean(dim=1).pow(1.0 / p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embed a feature map.

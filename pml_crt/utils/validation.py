@@ -85,9 +85,12 @@ def is_graph_capture() -> bool:
 
 def check_finite(x: torch.Tensor, name: str) -> None:
     """Raise ``ValueError`` if ``x`` holds NaN or infinite values (not checked during export)."""
-    if is_graph_capture():
+    if is_graph_capture() or x.numel() == 0:
         return
-    if not bool(torch.isfinite(x).all()):
+    # min and max are NaN when any value is, and infinite when any value is: one
+    # reduction pass, several times faster than materialising isfinite(x).
+    low, high = torch.aminmax(x.detach())
+    if not bool(torch.isfinite(low) & torch.isfinite(high)):
         raise ValueError(f"{name} contains NaN or infinite values")
 
 
