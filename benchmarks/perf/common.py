@@ -1,0 +1,144 @@
+"""Shared helpers of the perf scripts: machine facts, interleaved timing, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "DEFAULT_OUT",
+    "command_line",
+    "interleaved_times",
+    "load_average",
+    "machine_info",
+    "primary_clock",
+    "summarize",
+    "write_json",
+]
+
+DEFAULT_OUT = Path("benchmarks/results/perf")
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages (``os.getloadavg``)."""
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(module: str) -> str | None:
+    try:
+        mod = __import__(module)
+    except ImportError:
+        return None
+    return getattr(mod, "__version__", "unknown")
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, core counts, torch threads, library versions, load average, time."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    try:
+        with open("/proc/meminfo") as f:
+            mem_kib = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
+    except (OSError, StopIteration, ValueError):
+        mem_kib = None
+    return {
+        "cpu_model": _cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": usable,
+        "memory_gib": None if mem_kib is None else round(mem_kib / 2**20, 1),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pytorch_metric_learning": _version("pytorch_metric_learning"),
+        "faiss": _version("faiss"),
+        "numpy": _version("numpy"),
+        "load_average_start": load_average(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def command_line(module: str) -> str:
+    """The command that reproduces this run (``python -m module args...``)."""
+    return " ".join(["python", "-m", module, *sys.argv[1:]])
+
+
+def interleaved_times(
+    fns: Mapping[str, Callable[[], Any]],
+    rounds: int,
+    warmup: int = 1,
+) -> dict[str, dict[str, list[float]]]:
+    """Seconds per call of every function, measured side by side.
+
+    Each round runs every function once; the order rotates from round to round
+    so that no function always runs first or after the same neighbour. Noise
+    from other processes therefore hits all functions alike, and ratios of
+    medians are more stable than the times themselves.
+
+    Returns:
+        ``{name: {"wall": [...], "cpu": [...]}}``: wall-clock seconds
+        (``time.perf_counter``) and this process's CPU seconds
+        (``time.process_time``, user + system, all threads). With one torch
+        thread on a machine shared with other jobs, CPU time is the stable
+        measure of the work done; wall time includes waiting for a core.
+    """
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in names}
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            wall, cpu = time.perf_counter(), time.process_time()
+            fns[name]()
+            times[name]["cpu"].append(time.process_time() - cpu)
+            times[name]["wall"].append(time.perf_counter() - wall)
+    return times
+
+
+def primary_clock() -> str:
+    """``"cpu"`` with one torch thread (stable under load), else ``"wall"``."""
+    return "cpu" if torch.get_num_threads() == 1 else "wall"
+
+
+def summarize(samples: Mapping[str, list[float]] | list[float]) -> dict[str, Any]:
+    """Median and minimum of timings (seconds) per clock; ``median_s`` of :func:`primary_clock`."""
+    if not isinstance(samples, Mapping):
+        samples = {"wall": list(samples)}
+    out: dict[str, Any] = {"n": len(next(iter(samples.values())))}
+    for clock, values in samples.items():
+        out[f"{clock}_median_s"] = statistics.median(values)
+        out[f"{clock}_min_s"] = min(values)
+    clock = primary_clock() if primary_clock() in samples else next(iter(samples))
+    out["clock"] = clock
+    out["median_s"] = out[f"{clock}_median_s"]
+    return out
+
+
+def write_json(data: Mapping[str, Any], path: Path) -> Path:
+    """Write ``data`` as indented JSON, creating the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
+    return path
