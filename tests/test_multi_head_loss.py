@@ -30,15 +30,21 @@ def _slices(x: torch.Tensor, sizes=SIZES) -> list[torch.Tensor]:
     return [x[:, s : s + d] for s, d in zip(starts, sizes, strict=True)]
 
 
-def _hand_consistency(x: torch.Tensor, sizes=SIZES) -> torch.Tensor:
-    """Default term by hand: mean over head pairs of the off-diagonal MSE of cosine matrices."""
+def _hand_consistency(x: torch.Tensor, sizes=SIZES, temperature=0.1) -> torch.Tensor:
+    """Default term by hand: mean over head pairs a < b and rows i of
+    KL(P_a[i] || P_b[i]), P_h[i] = softmax over j != i of cos_h(i, j) / T."""
+    n = len(x)
     matrices = [F.normalize(z, dim=1) @ F.normalize(z, dim=1).t() for z in _slices(x, sizes)]
-    off_diagonal = ~torch.eye(len(x), dtype=torch.bool)
-    terms = [
-        ((matrices[a] - matrices[b])[off_diagonal] ** 2).mean()
-        for a in range(len(sizes))
-        for b in range(a + 1, len(sizes))
-    ]
+    rows = []
+    for m in matrices:
+        rows.append(
+            [torch.softmax(m[i][torch.arange(n) != i] / temperature, dim=0) for i in range(n)]
+        )
+    terms = []
+    for a in range(len(sizes)):
+        for b in range(a + 1, len(sizes)):
+            kl = [(rows[a][i] * (rows[a][i].log() - rows[b][i].log())).sum() for i in range(n)]
+            terms.append(sum(kl) / n)
     return sum(terms) / len(terms)
 
 

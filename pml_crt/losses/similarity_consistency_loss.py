@@ -26,7 +26,7 @@ class SimilarityConsistencyLoss(SimilarityConsistencyMixin, BaseMetricLossFuncti
     Args:
         embedding_sizes: width of every head, in concatenation order (at
             least two heads), e.g. ``MultiHeadCRT.embedding_sizes``.
-        mode: ``"mse"`` (default), ``"l1"`` or ``"kl"``.
+        mode: ``"kl"`` (default), ``"mse"`` or ``"l1"``.
         temperature: softmax temperature of ``"kl"``.
         stop_gradient: ``None``, ``"first"`` or ``"larger"``.
         include_diagonal: keep self-similarities (default ``False``).

@@ -23,7 +23,7 @@ class SimilarityConsistencyRegularizer(SimilarityConsistencyMixin, BaseRegulariz
 
     Args:
         embedding_sizes: width of every head, in concatenation order (at least two).
-        mode: ``"mse"`` (default), ``"l1"`` or ``"kl"``.
+        mode: ``"kl"`` (default), ``"mse"`` or ``"l1"``.
         temperature: softmax temperature of ``"kl"``.
         stop_gradient: ``None``, ``"first"`` or ``"larger"``.
         include_diagonal: keep self-similarities (default ``False``).
