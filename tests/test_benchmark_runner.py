@@ -695,3 +695,13 @@ def test_validation_split_never_embeds_the_test_classes(tmp_path, monkeypatch):
         == unit["val"]["mean_average_precision_at_r"]
     )
     assert "VALIDATION classes only" in (result["root"] / "table.md").read_text()
+
+
+@needs_omniglot
+def test_omniglot_compare_every_method_on_a_tiny_slice(tmp_path):
+    result = _run(
+        "omniglot_compare", [*TINY_OMNIGLOT, "trunk.kwargs.channels=[8, 8, 8, 8]"], tmp_path
+    )
+    methods = {row["method"] for row in result["rows"]}
+    assert methods == set(method_names(load_config(CONFIGS / "omniglot_compare.yaml")))
+    assert all(0.0 <= row["precision_at_1"] <= 1.0 for row in result["rows"])
