@@ -1022,7 +1022,7 @@ def run_benchmark(
     if publish is not None:
         command = command or "python -m benchmarks.run " + shlex.join(sys.argv[1:])
         publish_results(
-            Path(publish), config["name"], header + table, rows, metrics, device, command
+            Path(publish), config["name"], header + table, rows, metrics, device, command, root
         )
     log("")
     log(header + table + footer)
@@ -1045,8 +1045,13 @@ def publish_results(
     metrics: Sequence[str],
     device: torch.device,
     command: str,
+    run_root: Path | None = None,
 ) -> None:
-    """Write ``<folder>/<name>.md`` (table + how it was made) and ``<folder>/<name>.csv``."""
+    """Write ``<folder>/<name>.md`` (table + how it was made) and ``<folder>/<name>.csv``.
+
+    With ``run_root``, then the plots of ``benchmarks.plots.write_plots`` (``<name>_*.png``);
+    a plotting failure only warns: the table and values are already written.
+    """
     env = environment(device=device)
     cpu = _cpu_model() or env["processor"]
     provenance = (
@@ -1062,6 +1067,13 @@ def publish_results(
     folder.mkdir(parents=True, exist_ok=True)
     write_atomic(folder / f"{name}.md", table + provenance)
     write_atomic(folder / f"{name}.csv", _csv(rows, metrics))
+    if run_root is not None:
+        try:
+            from .plots import write_plots
+
+            write_plots(run_root, folder, name)
+        except Exception as error:  # e.g. matplotlib missing: the results are safe already
+            warnings.warn(f"plots of {name} not written: {error!r}", stacklevel=2)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
