@@ -383,3 +383,12 @@ def test_trains_under_a_pml_trainer_and_is_recorded():
     # Sub-loss modules are reached through _modules recursion.
     assert any(g.endswith("ProxyAnchorLoss") and n == "num_classes" for g, n in series)
     assert any(g.endswith("SimilarityConsistencyLoss") and n == "temperature" for g, n in series)
+
+
+def test_single_class_batch_is_rejected_for_pair_losses_only():
+    x, _ = _batch()
+    one_class = torch.zeros(len(x), dtype=torch.long)
+    with pytest.raises(ValueError, match="labels holds a single class .* MultiSimilarityLoss"):
+        MultiHeadLoss(losses.MultiSimilarityLoss(), SIZES)(x, one_class)
+    proxy = MultiHeadLoss(lambda d: losses.ProxyAnchorLoss(NUM_CLASSES, d), SIZES)
+    assert torch.isfinite(proxy(x, one_class))  # proxies need no second class in the batch

@@ -145,6 +145,29 @@ class MultiHeadLoss(BaseMetricLossFunction):
             )
         return [float(w) for w in weights]
 
+    def _check_pairs_possible(
+        self, labels: torch.Tensor | None, indices_tuple: Any, has_ref: bool
+    ) -> None:
+        """Reject a single-class batch when a head's loss compares samples with each other.
+
+        Parameter-free label losses (contrastive, triplet, multi-similarity, ...) find no
+        negative pair in such a batch and would silently return zero; proxy losses (which
+        hold parameters) and label-free losses are fine with it.
+        """
+        if labels is None or indices_tuple is not None or has_ref or len(labels) == 0:
+            return
+        pair_losses = [
+            type(head_loss).__name__
+            for head_loss in self.losses.values()
+            if not any(True for _ in head_loss.parameters())
+        ]
+        if pair_losses and bool((labels == labels.reshape(-1)[0]).all()):
+            raise ValueError(
+                f"labels holds a single class ({labels.reshape(-1)[0].item()}) for the whole "
+                f"batch, so {pair_losses[0]} has no negative pair and would return 0: sample "
+                "batches with at least 2 classes (e.g. MPerClassSampler)"
+            )
+
     def _build_losses(self, loss: LossSpec) -> list[torch.nn.Module]:
         sizes = self.embedding_sizes
         if isinstance(loss, torch.nn.Module):
@@ -267,6 +290,7 @@ class MultiHeadLoss(BaseMetricLossFunction):
         ref_labels: torch.Tensor | None,
     ) -> dict[str, dict[str, Any]]:
         check_embeddings(embeddings, self.embedding_sizes, "embeddings")
+        self._check_pairs_possible(labels, indices_tuple, ref_emb is not embeddings)
         if indices_tuple is not None and self.miners is not None:
             raise ValueError(
                 "MultiHeadLoss got an indices_tuple and has its own miner: use one or the "
