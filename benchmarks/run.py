@@ -64,6 +64,7 @@ from .cache import CachedDataset, TrunkTail, cache_dataset, cache_module_outputs
 from .config import load_config, method_config, method_names
 from .data import Source, ToFloat, TransformedDataset, class_subset, load_source, pil_transform
 from .metrics import BenchmarkAccuracyCalculator
+from .perf.common import cpu_model
 from .splits import FoldSplit, mlrc_split
 
 __all__ = ["DataPipeline", "aggregate", "main", "results_table", "run_benchmark", "run_unit"]
@@ -140,16 +141,6 @@ def _git_commit() -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
-def _cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
 def environment(seed: int | None = None, device: torch.device | None = None) -> dict[str, Any]:
     """Versions, machine and threads, for ``env.json``."""
     import pytorch_metric_learning
@@ -172,7 +163,7 @@ def environment(seed: int | None = None, device: torch.device | None = None) -> 
         "numpy": np.__version__,
         "platform": platform.platform(),
         "machine": platform.machine(),
-        "processor": platform.processor() or _cpu_model(),
+        "processor": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": str(device) if device is not None else None,
@@ -1053,7 +1044,7 @@ def publish_results(
     a plotting failure only warns: the table and values are already written.
     """
     env = environment(device=device)
-    cpu = _cpu_model() or env["processor"]
+    cpu = env["processor"]
     provenance = (
         f"\n\nProduced by `{command}`"
         f" at commit `{env['git_commit']}` on {env['started']}.\n"

@@ -33,7 +33,8 @@ def load_average() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -64,7 +65,7 @@ def machine_info() -> dict[str, Any]:
     except (OSError, StopIteration, ValueError):
         mem_kib = None
     return {
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": usable,
         "memory_gib": None if mem_kib is None else round(mem_kib / 2**20, 1),
