@@ -19,7 +19,14 @@ models' L2-normalised embeddings concatenated) and a markdown table (mean ±
 95% CI over seeds) is printed and written to ``table.md`` and ``results.csv``.
 """
 
+# ruff: noqa: E402
 from __future__ import annotations
+
+import os
+
+# Under torchrun only rank 0 draws progress bars (tqdm reads this when it is imported).
+if os.environ.get("RANK", "0") != "0":
+    os.environ.setdefault("TQDM_DISABLE", "1")
 
 import argparse
 import csv
@@ -27,7 +34,6 @@ import io
 import json
 import logging
 import math
-import os
 import platform
 import random
 import shlex
@@ -50,8 +56,10 @@ from pytorch_metric_learning.utils import logging_presets
 
 import pml_crt
 from pml_crt.utils import make_accuracy_calculator
+from pml_crt.utils.distributed import RankShardSampler
 from pml_crt.utils.stats import format_mean_ci, mean_ci95
 
+from . import distributed as ddp
 from .build import (
     build_embedder,
     build_loss,
@@ -355,12 +363,19 @@ def make_calculator(config: Mapping[str, Any]) -> BenchmarkAccuracyCalculator:
     )
 
 
-def _check_batch(split_name: str, classes: int, config: Mapping[str, Any]) -> None:
+def _check_batch(
+    split_name: str, classes: int, config: Mapping[str, Any], world_size: int = 1
+) -> None:
     batch, m = int(config["training"]["batch_size"]), int(config["training"]["m"])
     if batch % m or m * classes < batch:
         raise ValueError(
             f"training.batch_size={batch} must be a multiple of training.m={m} and at most "
             f"m * (number of {split_name} classes = {classes}) = {m * classes}"
+        )
+    if batch % world_size:
+        raise ValueError(
+            f"training.batch_size={batch} (the global batch) must be a multiple of the number "
+            f"of processes, {world_size}"
         )
 
 
@@ -542,15 +557,19 @@ def _load_resume_state(
     marker: Mapping[str, Any],
     device: torch.device,
 ) -> None:
-    """Load the marker epoch's trainer objects, sampler order and RNG states."""
+    """Load the marker epoch's trainer objects, sampler order and RNG states.
+
+    Models go into the module inside DDP (checkpoints hold the unwrapped state).
+    """
     for name in hooks.saveable_trainer_objects:
         objects = getattr(trainer, name, None)
         if objects:
+            objects = {key: ddp.unwrap(value) for key, value in objects.items()}
             c_f.load_dict_of_models(objects, marker["epoch"], str(folder / "models"), device)
     by_value = {int(label): label for label in sampler.labels}
     sampler.labels = [by_value[label] for label in marker["sampler_labels"]]
     hash_map = folder / "logs" / "hash_map.json"
-    if hash_map.exists():
+    if hash_map.exists() and hooks.record_keeper is not None:
         hooks.record_keeper.hash_map.update(json.loads(hash_map.read_text()))
     _set_rng_state(marker["rng"])
 
@@ -564,31 +583,17 @@ def run_unit(
     device: torch.device,
     hub_dir: Path,
     log: Log = print,
-) -> dict[str, Any]:
+    launch: ddp.Launch = ddp.SINGLE_PROCESS,
+) -> dict[str, Any] | None:
     """Train (unless frozen) and test one (method, seed, fold); write ``results.json``.
 
     An unfinished unit with a resume point (``resume/resume.json``, same config)
     continues from that epoch; any other unfinished unit folder is started over.
+    Under ``torchrun`` every rank calls it; rank 0 alone writes the folder and
+    returns the results, the other ranks train with it and return ``None``
+    (see :mod:`benchmarks.distributed`).
     """
-    unit_config = json.loads(json.dumps({**config, "seed": seed, "fold": fold}))
-    marker = _read_resume_point(folder, unit_config) if folder.exists() else None
-    env = environment(seed, device)
-    if marker is not None:
-        _restore_resume_point(folder, marker)
-        try:
-            previous = json.loads((folder / "env.json").read_text())
-        except (OSError, ValueError):
-            previous = {}
-        resumes = previous.get("resumes", [])
-        resumes.append({"epoch": marker["epoch"], **{k: env[k] for k in ("started", "command")}})
-        env = {**previous, "resumes": resumes} if previous else {**env, "resumes": resumes}
-        log(f"resuming {folder} after epoch {marker['epoch']}")
-    else:
-        if folder.exists():
-            shutil.rmtree(folder)  # an unfinished unit without a resume point: start it over
-        folder.mkdir(parents=True)
-        write_atomic(folder / "config.yaml", yaml.safe_dump(unit_config, sort_keys=False))
-    write_atomic(folder / "env.json", json.dumps(env, indent=2))
+    marker = _prepare_unit_folder(config, seed, fold, folder, device, log, launch)
     start = time.time()
 
     source = data.source
@@ -612,10 +617,13 @@ def run_unit(
     metrics = list(config["eval"]["metrics"])
     primary = config["eval"]["primary_metric"]
     calculator = make_calculator(config)
-    record_keeper, _, tensorboard = logging_presets.get_record_keeper(
-        str(folder / "logs"), str(folder / "tensorboard")
-    )
-    hooks = logging_presets.get_hook_container(
+    if launch.is_main:
+        record_keeper, _, tensorboard = logging_presets.get_record_keeper(
+            str(folder / "logs"), str(folder / "tensorboard")
+        )
+    else:  # the other ranks write nothing; their container only names what is checkpointed
+        record_keeper, tensorboard = None, None
+    hooks = logging_presets.HookContainer(
         record_keeper,
         primary_metric=primary,
         validation_split_name="val",
@@ -640,16 +648,20 @@ def run_unit(
     }
     train_start = time.time()
     if is_frozen_method(config):
+        if not launch.is_main:
+            launch.barrier()  # rank 0 evaluates; the others wait for the next unit
+            return None
         tester.test({"val": val}, 0, trunk, embedder, splits_to_eval=[("val", ["val"])])
         best_epoch, epochs_run = 0, 0
         result.update(trained=False)
     else:
         training = config["training"]
-        _check_batch("train", len(split.train), config)
+        _check_batch("train", len(split.train), config, launch.world_size)
         loss_funcs, mining_funcs = build_loss(config, embedder, len(split.train))
         loss_funcs = {k: v.to(device) for k, v in loss_funcs.items()}
         models = {"trunk": trunk, "embedder": embedder}
         optimizers = build_optimizers(config, models, loss_funcs)
+        loss_funcs, mining_funcs = ddp.wrap_losses(loss_funcs, mining_funcs, launch)
         batch_size, iterations = int(training["batch_size"]), int(training["iterations_per_epoch"])
         sampler = samplers.MPerClassSampler(
             train.labels,
@@ -657,44 +669,60 @@ def run_unit(
             batch_size=batch_size,
             length_before_new_iter=batch_size * iterations,
         )
-        test_interval = int(training["test_interval"])
-        hook = hooks.end_of_epoch_hook(
-            tester,
-            {"val": val},
-            str(model_dir),
-            test_interval=test_interval,
-            patience=training.get("patience"),
-            splits_to_eval=[("val", ["val"])],
+        # Under torchrun every rank draws the same global batch and loads its share.
+        shard = (
+            RankShardSampler(sampler, batch_size, launch.rank, launch.world_size, seed=seed)
+            if launch.distributed
+            else None
         )
+        test_interval = int(training["test_interval"])
+        if launch.is_main:
+            hook = hooks.end_of_epoch_hook(
+                tester,
+                {"val": val},
+                str(model_dir),
+                test_interval=test_interval,
+                patience=training.get("patience"),
+                splits_to_eval=[("val", ["val"])],
+            )
 
-        def end_of_epoch_hook(trainer: trainers.BaseTrainer) -> bool:
-            # The stock hook (records, then checkpoint files), then the resume marker.
-            keep_going = hook(trainer)
-            if trainer.epoch % test_interval == 0:
-                _write_resume_point(folder, trainer, sampler, stopped=keep_going is False)
-            return keep_going
+        def end_of_epoch_hook(trainer: trainers.BaseTrainer) -> bool | None:
+            # Rank 0: the stock hook (records, then checkpoint files), then the resume
+            # marker; every rank then follows rank 0's early-stopping decision.
+            keep_going = None
+            if launch.is_main:
+                keep_going = hook(trainer)
+                if trainer.epoch % test_interval == 0:
+                    _write_resume_point(folder, trainer, sampler, stopped=keep_going is False)
+            return launch.broadcast(keep_going)
 
         trainer = trainers.MetricLossOnly(
-            models=models,
+            models=ddp.wrap_models(models, launch, device),
             optimizers=optimizers,
-            batch_size=batch_size,
+            batch_size=batch_size // launch.world_size,
             loss_funcs=loss_funcs,
             mining_funcs=mining_funcs,
             dataset=train,
-            sampler=sampler,
+            sampler=shard or sampler,
             iterations_per_epoch=iterations,
             dataloader_num_workers=num_workers,
             data_device=device,
-            end_of_iteration_hook=hooks.end_of_iteration_hook,
+            end_of_iteration_hook=hooks.end_of_iteration_hook if launch.is_main else None,
             end_of_epoch_hook=end_of_epoch_hook,
         )
         num_epochs, epochs_run = int(training["num_epochs"]), 0
         if marker is not None:
             _load_resume_state(trainer, hooks, sampler, folder, marker, device)
             epochs_run = int(marker["epoch"])
+            if shard is not None:
+                shard.set_epoch(epochs_run)
         if not (marker is not None and marker["stopped"]) and epochs_run < num_epochs:
             trainer.train(start_epoch=epochs_run + 1, num_epochs=num_epochs)
             epochs_run = int(trainer.epoch)
+        trainer.models.update(models)  # the plain modules again, for loading and testing
+        if not launch.is_main:
+            launch.barrier()
+            return None
         best_epoch, _ = hooks.get_best_epoch_and_accuracy(tester, "val")
         if best_epoch is None:
             raise RuntimeError(
@@ -740,7 +768,47 @@ def run_unit(
     result["total_time_s"] = round(time.time() - start, 2)
     write_atomic(folder / RESULTS, json.dumps(result, indent=2))
     shutil.rmtree(folder / RESUME, ignore_errors=True)  # finished: results.json marks it
+    launch.barrier()
     return result
+
+
+def _prepare_unit_folder(
+    config: Mapping[str, Any],
+    seed: int,
+    fold: int,
+    folder: Path,
+    device: torch.device,
+    log: Log,
+    launch: ddp.Launch,
+) -> dict[str, Any] | None:
+    """Rank 0 rolls the unit folder back to its resume point or starts it afresh.
+
+    Returns the resume marker (on every rank: rank 0's), ``None`` for a fresh start.
+    """
+    marker = None
+    if launch.is_main:
+        unit_config = json.loads(json.dumps({**config, "seed": seed, "fold": fold}))
+        marker = _read_resume_point(folder, unit_config) if folder.exists() else None
+        env = {**environment(seed, device), "world_size": launch.world_size}
+        if marker is not None:
+            _restore_resume_point(folder, marker)
+            try:
+                previous = json.loads((folder / "env.json").read_text())
+            except (OSError, ValueError):
+                previous = {}
+            resumes = previous.get("resumes", [])
+            resumes.append(
+                {"epoch": marker["epoch"], **{k: env[k] for k in ("started", "command")}}
+            )
+            env = {**previous, "resumes": resumes} if previous else {**env, "resumes": resumes}
+            log(f"resuming {folder} after epoch {marker['epoch']}")
+        else:
+            if folder.exists():
+                shutil.rmtree(folder)  # an unfinished unit without a resume point: start over
+            folder.mkdir(parents=True)
+            write_atomic(folder / "config.yaml", yaml.safe_dump(unit_config, sort_keys=False))
+        write_atomic(folder / "env.json", json.dumps(env, indent=2))
+    return launch.broadcast(marker)
 
 
 def report_split(config: Mapping[str, Any]) -> str:
@@ -936,12 +1004,34 @@ def run_benchmark(
     process's command line) also go to ``publish/<name>.md`` and the per-unit
     values to ``publish/<name>.csv``.
 
+    Under ``torchrun`` every rank trains every unit (DDP, :mod:`benchmarks.distributed`)
+    and rank 0 writes the results; the other ranks return ``None``.
+
     Returns ``{"rows", "summary", "table", "root", "wall_time_s", "units_run", "units_skipped"}``.
     """
-    start = time.time()
     if config.get("threads"):
         torch.set_num_threads(int(config["threads"]))
-    device = _device(str(config.get("device", "auto")))
+    launch, device = ddp.start(_device(str(config.get("device", "auto"))))
+    try:
+        return _run_units(config, out, methods, log, progress, publish, command, launch, device)
+    finally:
+        ddp.stop(launch)
+
+
+def _run_units(
+    config: Mapping[str, Any],
+    out: str | Path,
+    methods: Sequence[str] | None,
+    log: Log,
+    progress: bool,
+    publish: str | Path | None,
+    command: str | None,
+    launch: ddp.Launch,
+    device: torch.device,
+) -> dict[str, Any] | None:
+    start = time.time()
+    if not launch.is_main:
+        log = _quiet
     root = Path(out) / str(config["name"])
     names = method_names(config)
     if methods:
@@ -952,7 +1042,8 @@ def run_benchmark(
     folds = [int(f) for f in config["folds"]]
     if not folds or any(not 0 <= f < int(config["num_folds"]) for f in folds):
         raise ValueError(f"folds must be a non-empty list of ints in [0, {config['num_folds']})")
-    root.mkdir(parents=True, exist_ok=True)
+    if launch.is_main:
+        root.mkdir(parents=True, exist_ok=True)
     hub_dir = Path(config["trunk"].get("hub_dir") or Path(out) / ".torch_hub")
     data = DataPipeline(config["dataset"], log=log, progress=progress)
 
@@ -962,23 +1053,29 @@ def run_benchmark(
         for name in names
         for fold in unit_folds(method_config(config, name))
     ]
+    processes = f"{launch.world_size} processes x " if launch.distributed else ""
     log(
         f"{config['name']}: {len(units)} units ({len(config['seeds'])} seeds x {len(names)} "
-        f"methods x folds {folds}) on {device}, {torch.get_num_threads()} threads -> {root}"
+        f"methods x folds {folds}) on {device}, {processes}{torch.get_num_threads()} threads "
+        f"-> {root}"
     )
     run_count = skipped = 0
     for index, (seed, name, fold) in enumerate(units, 1):
         method = method_config(config, name)
         folder = unit_dir(root, name, seed, fold)
         tag = f"[{index}/{len(units)}] seed {seed} {name} fold {fold}"
-        if (folder / RESULTS).exists():
+        done = launch.is_main and (folder / RESULTS).exists()
+        if done:
             check_previous(folder, method, seed, fold)
+        if launch.broadcast(done):
             log(f"{tag}: done before, skipped")
             skipped += 1
             continue
         log(f"{tag}: {'evaluating' if is_frozen_method(method) else 'training'}")
-        result = run_unit(method, seed, fold, folder, data, device, hub_dir, log)
+        result = run_unit(method, seed, fold, folder, data, device, hub_dir, log, launch)
         run_count += 1
+        if result is None:  # not rank 0
+            continue
         split = report_split(config)
         reported = result[split]
         log(
@@ -988,6 +1085,8 @@ def run_benchmark(
             f"{result['total_time_s']:.0f} s)"
         )
 
+    if not launch.is_main:
+        return None
     metrics = list(config["eval"]["metrics"])
     complete = [name for name in method_names(config) if _complete(config, name, root)]
     rows = aggregate(config, complete, root)
@@ -1005,7 +1104,7 @@ def run_benchmark(
     header += ".\n\n"
     footer = (
         f"\n\nThis invocation: {run_count} units run, {skipped} skipped, {wall:.0f} s wall "
-        f"on {device} ({torch.get_num_threads()} threads, {os.cpu_count()} CPUs)."
+        f"on {device} ({processes}{torch.get_num_threads()} threads, {os.cpu_count()} CPUs)."
     )
     write_atomic(root / "table.md", header + table + footer + "\n")
     write_atomic(root / "results.csv", _csv(rows, metrics))
@@ -1026,6 +1125,10 @@ def run_benchmark(
         "units_run": run_count,
         "units_skipped": skipped,
     }
+
+
+def _quiet(message: str) -> None:
+    """The log of ranks other than 0: they print nothing."""
 
 
 def publish_results(

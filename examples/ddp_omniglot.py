@@ -39,13 +39,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from pytorch_metric_learning import losses, miners, samplers, testers, trainers
-from pytorch_metric_learning.utils import common_functions as pml_cf
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import Sampler
 from torchvision import transforms
 
 from pml_crt.datasets import OmniglotCharacters
@@ -53,46 +50,7 @@ from pml_crt.losses import MultiHeadLoss
 from pml_crt.models import MultiHeadCRT
 from pml_crt.trunks import SmallConvNet
 from pml_crt.utils import make_accuracy_calculator
-from pml_crt.utils.distributed import AllGatherLossWrapper
-
-
-class RankShardSampler(Sampler):
-    """This rank's contiguous share of every global batch drawn by ``sampler``.
-
-    ``sampler`` (e.g. ``MPerClassSampler(..., batch_size=global_batch_size)``)
-    is iterated under a numpy generator seeded with ``seed + epoch`` (PML's
-    samplers draw from ``common_functions.NUMPY_RANDOM``), so every rank sees
-    the same global batches whatever else used the random generators. Use
-    ``global_batch_size // world_size`` as the DataLoader's batch size.
-    """
-
-    def __init__(
-        self, sampler: Sampler, global_batch_size: int, rank: int, world_size: int, seed: int = 0
-    ) -> None:
-        if global_batch_size % world_size:
-            raise ValueError(
-                f"the global batch size {global_batch_size} must be a multiple of the "
-                f"world size {world_size}"
-            )
-        self.sampler, self.global_batch_size = sampler, global_batch_size
-        self.local_batch_size = global_batch_size // world_size
-        self.rank, self.seed, self.epoch = rank, seed, 0
-
-    def __len__(self) -> int:
-        return len(self.sampler) // self.global_batch_size * self.local_batch_size
-
-    def __iter__(self):
-        saved = pml_cf.NUMPY_RANDOM
-        pml_cf.NUMPY_RANDOM = np.random.RandomState(self.seed + self.epoch)
-        try:
-            indices = list(self.sampler)
-        finally:
-            pml_cf.NUMPY_RANDOM = saved
-        self.epoch += 1
-        start = self.rank * self.local_batch_size
-        for batch in range(len(indices) // self.global_batch_size):
-            offset = batch * self.global_batch_size + start
-            yield from indices[offset : offset + self.local_batch_size]
+from pml_crt.utils.distributed import AllGatherLossWrapper, RankShardSampler
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

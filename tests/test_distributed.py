@@ -27,7 +27,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from pytorch_metric_learning import losses, miners
+from pytorch_metric_learning import losses, miners, samplers
+from pytorch_metric_learning.utils import common_functions as pml_cf
 from torch.nn.parallel import DistributedDataParallel
 
 from pml_crt.losses import MultiHeadLoss, SimilarityConsistencyLoss
@@ -37,6 +38,7 @@ from pml_crt.utils.distributed import (
     AllGatherLossWrapper,
     DistributedLossWrapper,
     DistributedMinerWrapper,
+    RankShardSampler,
     all_gather_with_grad,
     get_world_size,
 )
@@ -259,3 +261,50 @@ def test_outside_torch_distributed_the_wrappers_are_the_loss():
     with pytest.warns(UserWarning, match="non-distributed"):
         value = AllGatherLossWrapper(loss)(embeddings, labels)
     torch.testing.assert_close(value, loss(embeddings, labels))
+
+
+def _shards(world_size: int, epoch: int, labels: list[int]) -> list[list[int]]:
+    shards = []
+    for rank in range(world_size):
+        sampler = samplers.MPerClassSampler(labels, m=2, batch_size=8, length_before_new_iter=32)
+        shard = RankShardSampler(sampler, 8, rank, world_size, seed=3)
+        shard.set_epoch(epoch)
+        shards.append(list(shard))
+    return shards
+
+
+def test_rank_shards_partition_the_global_batches():
+    """Every rank draws the same global batches and takes its own contiguous slice of each."""
+    labels = [c for c in range(6) for _ in range(4)]
+    (whole,) = _shards(1, 0, labels)
+    assert len(whole) == 32
+    pml_cf.NUMPY_RANDOM.rand()  # other users of PML's generator do not change the batches
+    halves = _shards(2, 0, labels)
+    quarters = _shards(4, 0, labels)
+    for batch in range(4):
+        expected = whole[8 * batch : 8 * (batch + 1)]
+        assert halves[0][4 * batch : 4 * (batch + 1)] + halves[1][4 * batch : 4 * (batch + 1)] == (
+            expected
+        )
+        assert sum((q[2 * batch : 2 * (batch + 1)] for q in quarters), []) == expected
+        # MPerClassSampler's m=2 per class: each half-batch holds whole classes
+        for half in halves:
+            classes = [labels[i] for i in half[4 * batch : 4 * (batch + 1)]]
+            assert sorted(classes.count(c) for c in set(classes)) == [2, 2]
+    assert _shards(1, 1, labels)[0] != whole  # the epoch changes the draw ...
+    assert _shards(1, 0, labels)[0] == whole  # ... and set_epoch replays it
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"global_batch_size": 6, "rank": 0, "world_size": 4}, "multiple of the world size 4"),
+        (
+            {"global_batch_size": 8, "rank": 2, "world_size": 2},
+            r"rank must be in \[0, world_size=2",
+        ),
+    ],
+)
+def test_rank_shard_sampler_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RankShardSampler(range(8), **kwargs)

@@ -31,22 +31,27 @@ whose gradients do not match, and conflicts with a ``MultiHeadLoss(miner=...)``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from pytorch_metric_learning.losses import BaseMetricLossFunction, CrossBatchMemory
+from pytorch_metric_learning.utils import common_functions as pml_cf
 from pytorch_metric_learning.utils.distributed import (
     DistributedLossWrapper,
     DistributedMinerWrapper,
     all_gather,
     is_distributed,
 )
+from torch.utils.data import Sampler
 
 __all__ = [
     "AllGatherLossWrapper",
     "DistributedLossWrapper",
     "DistributedMinerWrapper",
+    "RankShardSampler",
     "all_gather_with_grad",
     "get_world_size",
     "is_distributed",
@@ -155,3 +160,57 @@ def _gather(
         return all_emb, None
     labels = labels.to(emb.device)
     return all_emb, torch.cat([labels, all_gather(labels)], dim=0)
+
+
+class RankShardSampler(Sampler):
+    """This rank's contiguous share of every global batch drawn by ``sampler``.
+
+    ``sampler`` (e.g. ``MPerClassSampler(..., batch_size=global_batch_size)``)
+    is iterated under a numpy generator seeded with ``seed + epoch`` (PML's
+    samplers draw from ``common_functions.NUMPY_RANDOM``), so every rank sees
+    the same global batches whatever else used the random generators, and a
+    resumed run draws what it would have drawn (:meth:`set_epoch`, as with
+    torch's ``DistributedSampler``). Each iteration advances the epoch by one.
+    Use ``global_batch_size // world_size`` as the DataLoader's batch size.
+
+    Args:
+        sampler: draws global batches of ``global_batch_size`` indices in a row.
+        global_batch_size: the batch of all ranks together; a multiple of ``world_size``.
+        rank: this process's rank, in ``[0, world_size)``.
+        world_size: the number of processes.
+        seed: the same on every rank.
+    """
+
+    def __init__(
+        self, sampler: Sampler, global_batch_size: int, rank: int, world_size: int, seed: int = 0
+    ) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if global_batch_size < 1 or global_batch_size % world_size:
+            raise ValueError(
+                f"global_batch_size must be a positive multiple of the world size {world_size}, "
+                f"got {global_batch_size}"
+            )
+        self.sampler, self.global_batch_size = sampler, global_batch_size
+        self.local_batch_size = global_batch_size // world_size
+        self.rank, self.seed, self.epoch = rank, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the batches of ``epoch`` (0-based) next."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.global_batch_size * self.local_batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        saved = pml_cf.NUMPY_RANDOM
+        pml_cf.NUMPY_RANDOM = np.random.RandomState(self.seed + self.epoch)
+        try:
+            indices = list(self.sampler)
+        finally:
+            pml_cf.NUMPY_RANDOM = saved
+        self.epoch += 1
+        start = self.rank * self.local_batch_size
+        for batch in range(len(indices) // self.global_batch_size):
+            offset = batch * self.global_batch_size + start
+            yield from indices[offset : offset + self.local_batch_size]

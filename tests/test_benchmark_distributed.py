@@ -1,0 +1,120 @@
+"""The benchmark runner under torchrun: 2 CPU processes (gloo) reproduce 1 process.
+
+The same tiny CUB config (MobileNetV2 with frozen BatchNorm and cached frozen
+blocks, so no output depends on the rest of the batch) runs as
+``torchrun --nproc_per_node=1`` and ``--nproc_per_node=2`` with the same global
+batch. Both draw the same global batches (``RankShardSampler``), the loss sees
+the whole global batch (``AllGatherLossWrapper``, ``DistributedMinerWrapper`` for
+the trainer's miner) and DDP averages the gradients, so the logged loss of
+every iteration, the validation accuracies of every epoch and the test
+embeddings must agree to float rounding. Rank 0 alone writes the run folder:
+one row per iteration and per epoch in the record-keeper logs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+DATA = SHARED / "data"
+WEIGHTS = SHARED / "weights" / "mobilenet_v2-b0353104.pth"
+
+pytestmark = pytest.mark.skipif(
+    not (DATA / "CUB_200_2011" / "images.txt").is_file() or not WEIGHTS.is_file(),
+    reason=f"needs the CUB subset under {DATA} and MobileNetV2 weights at {WEIGHTS}",
+)
+
+METHODS = ["global_pool", "multihead_crt"]  # a trainer tuple_miner; per-head miners
+EPOCHS, ITERATIONS = 2, 3
+OVERRIDES = [
+    f"dataset.root={DATA}",
+    f"trunk.weights_path={WEIGHTS}",
+    "dataset.max_classes=12",  # 6 train+val species: 4 folds of 4-5 train / 1-2 val
+    "seeds=[0]",
+    "folds=[0]",
+    "images.resize=64",
+    "images.crop=64",
+    f"training.num_epochs={EPOCHS}",
+    f"training.iterations_per_epoch={ITERATIONS}",
+    "training.patience=null",
+    "training.batch_size=16",
+    "training.log_freq=1",
+    "eval.batch_size=64",
+    "device=cpu",
+]
+
+
+def _torchrun(processes: int, out: Path) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        "-m",
+        "benchmarks.run",
+        "--config",
+        "benchmarks/configs/cub_compare.yaml",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--methods",
+        *METHODS,
+    ]
+    for override in OVERRIDES:
+        command += ["--set", override]
+    completed = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    return completed
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[int, Path]:
+    out = tmp_path_factory.mktemp("torchrun")
+    logs = {n: _torchrun(n, out / f"nproc{n}") for n in (1, 2)}
+    assert "2 processes x" in logs[2].stdout
+    assert logs[2].stdout.count("## cub_compare") == 1  # only rank 0 prints the table
+    return {n: out / f"nproc{n}" / "cub_compare" for n in (1, 2)}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_processes_reproduce_one(runs, method):
+    units = {n: root / method / "seed0" / "fold0" for n, root in runs.items()}
+    assert json.loads((units[2] / "env.json").read_text())["world_size"] == 2
+
+    losses = {n: _rows(unit / "logs" / "loss_histories.csv") for n, unit in units.items()}
+    assert [int(r["~iteration~"]) for r in losses[2]] == list(range(EPOCHS * ITERATIONS))
+    one, two = (torch.tensor([float(r["total_loss"]) for r in losses[n]]) for n in (1, 2))
+    torch.testing.assert_close(two, one, rtol=1e-4, atol=1e-6)
+
+    name = "accuracies_normalized_GlobalEmbeddingSpaceTester_level_0_VAL_vs_self.csv"
+    val = {n: _rows(unit / "logs" / name) for n, unit in units.items()}
+    assert [int(r["epoch"]) for r in val[2]] == list(range(1, EPOCHS + 1))
+    for row_one, row_two in zip(val[1], val[2], strict=True):
+        for key in ("mean_average_precision_at_r_level0", "precision_at_1_level0"):
+            assert float(row_two[key]) == pytest.approx(float(row_one[key]), abs=0.01)
+
+    embeddings = {
+        n: torch.load(unit / "test_embeddings.pt", weights_only=True) for n, unit in units.items()
+    }
+    assert torch.equal(embeddings[1]["labels"], embeddings[2]["labels"])
+    torch.testing.assert_close(
+        embeddings[2]["embeddings"], embeddings[1]["embeddings"], rtol=1e-3, atol=1e-4
+    )
+    results = {n: json.loads((unit / "results.json").read_text()) for n, unit in units.items()}
+    assert results[2]["best_epoch"] == results[1]["best_epoch"]
