@@ -9,25 +9,42 @@ the trainer's miner) and DDP averages the gradients, so the logged loss of
 every iteration, the validation accuracies of every epoch and the test
 embeddings must agree to float rounding. Rank 0 alone writes the run folder:
 one row per iteration and per epoch in the record-keeper logs.
+
+A 2-process Omniglot run killed (the whole process group, SIGKILL) after its
+first resume point and started again with the same command ends with the
+same results, embeddings, CSV logs and SQLite tables as an uninterrupted
+2-process run, bitwise.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.test_benchmark_resume import (
+    UNIT,
+    _argv,
+    _assert_same,
+    _marker_epoch,
+    _snapshot,
+    needs_omniglot,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 DATA = SHARED / "data"
 WEIGHTS = SHARED / "weights" / "mobilenet_v2-b0353104.pth"
 
-pytestmark = pytest.mark.skipif(
+needs_cub = pytest.mark.skipif(
     not (DATA / "CUB_200_2011" / "images.txt").is_file() or not WEIGHTS.is_file(),
     reason=f"needs the CUB subset under {DATA} and MobileNetV2 weights at {WEIGHTS}",
 )
@@ -52,8 +69,8 @@ OVERRIDES = [
 ]
 
 
-def _torchrun(processes: int, out: Path) -> subprocess.CompletedProcess:
-    command = [
+def _torchrun_command(processes: int) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -61,6 +78,12 @@ def _torchrun(processes: int, out: Path) -> subprocess.CompletedProcess:
         f"--nproc_per_node={processes}",
         "-m",
         "benchmarks.run",
+    ]
+
+
+def _torchrun(processes: int, out: Path) -> subprocess.CompletedProcess:
+    command = [
+        *_torchrun_command(processes),
         "--config",
         "benchmarks/configs/cub_compare.yaml",
         "--out",
@@ -71,6 +94,10 @@ def _torchrun(processes: int, out: Path) -> subprocess.CompletedProcess:
     ]
     for override in OVERRIDES:
         command += ["--set", override]
+    return _run(command)
+
+
+def _run(command: list[str]) -> subprocess.CompletedProcess:
     completed = subprocess.run(
         command, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False
     )
@@ -92,6 +119,7 @@ def runs(tmp_path_factory) -> dict[int, Path]:
     return {n: out / f"nproc{n}" / "cub_compare" for n in (1, 2)}
 
 
+@needs_cub
 @pytest.mark.parametrize("method", METHODS)
 def test_two_processes_reproduce_one(runs, method):
     units = {n: root / method / "seed0" / "fold0" for n, root in runs.items()}
@@ -118,3 +146,41 @@ def test_two_processes_reproduce_one(runs, method):
     )
     results = {n: json.loads((unit / "results.json").read_text()) for n, unit in units.items()}
     assert results[2]["best_epoch"] == results[1]["best_epoch"]
+
+
+@needs_omniglot
+def test_killed_two_process_run_resumes_exactly(tmp_path):
+    command = _torchrun_command(2)
+    _run([*command, *_argv(tmp_path / "uninterrupted")])
+    reference = _snapshot(tmp_path / "uninterrupted" / UNIT)
+
+    out = tmp_path / "killed"
+    unit = out / UNIT
+    process = subprocess.Popen(
+        [*command, *_argv(out)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group: torchrun and both workers
+    )
+    try:
+        deadline = time.time() + 180
+        while _marker_epoch(unit) < 1:
+            assert process.poll() is None, process.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "no resume marker after 180 s"
+            time.sleep(0.02)
+        os.killpg(process.pid, signal.SIGKILL)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        process.stderr.close()
+    assert not (unit / "results.json").exists(), "killed too late: the unit had finished"
+    killed_at = _marker_epoch(unit)
+    assert 1 <= killed_at < 3
+
+    _run([*command, *_argv(out)])  # the same command again
+    _assert_same(_snapshot(unit), reference)
+    env = json.loads((unit / "env.json").read_text())
+    assert env["world_size"] == 2
+    assert [r["epoch"] for r in env["resumes"]] == [killed_at]
