@@ -49,7 +49,7 @@ needs_cub = pytest.mark.skipif(
     reason=f"needs the CUB subset under {DATA} and MobileNetV2 weights at {WEIGHTS}",
 )
 
-METHODS = ["global_pool", "multihead_crt"]  # a trainer tuple_miner; per-head miners
+METHODS = ["global_avg", "multihead_crt"]  # a trainer tuple_miner; per-head miners
 EPOCHS, ITERATIONS = 2, 3
 OVERRIDES = [
     f"dataset.root={DATA}",

@@ -626,7 +626,7 @@ def test_cub_compare_tiny_with_cached_frozen_blocks(tmp_path):
         "eval.batch_size=32",
         "device=cpu",
     ]
-    methods = ["frozen", "global_pool"]
+    methods = ["frozen", "global_avg"]
     messages: list[str] = []
     config = load_config(CONFIGS / "cub_compare.yaml", overrides)
     bench.run_benchmark(
@@ -705,3 +705,17 @@ def test_omniglot_compare_every_method_on_a_tiny_slice(tmp_path):
     methods = {row["method"] for row in result["rows"]}
     assert methods == set(method_names(load_config(CONFIGS / "omniglot_compare.yaml")))
     assert all(0.0 <= row["precision_at_1"] <= 1.0 for row in result["rows"])
+
+
+def test_published_table_names_the_commits_its_units_ran_at(tmp_path):
+    root = tmp_path / "run"
+    for method, seed, commit in [("a", 0, "c1"), ("a", 1, "c2"), ("b", 0, "c1")]:
+        unit = bench.unit_dir(root, method, seed, 0)
+        unit.mkdir(parents=True)
+        (unit / "env.json").write_text(json.dumps({"git_commit": commit}))
+    rows = [{"method": "a", "evaluation": "separate", "seed": 0, "fold": "", "p": 0.5}]
+    bench.publish_results(
+        tmp_path / "out", "t", "table", rows, ["p"], torch.device("cpu"), "cmd", root
+    )
+    text = (tmp_path / "out" / "t.md").read_text()
+    assert "The units were started at commit `c1` (2 units), `c2` (1 units)" in text
