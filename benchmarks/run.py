@@ -1127,6 +1127,23 @@ def _run_units(
     }
 
 
+def _unit_commits(run_root: Path | None) -> str:
+    """Which commits the units of a run folder were trained at (their ``env.json``), as a line."""
+    if run_root is None:
+        return ""
+    counts: dict[str, int] = {}
+    for env_file in sorted(run_root.glob("*/seed*/fold*/env.json")):
+        try:
+            commit = json.loads(env_file.read_text()).get("git_commit")
+        except (OSError, ValueError):
+            continue
+        counts[str(commit)] = counts.get(str(commit), 0) + 1
+    if not counts:
+        return ""
+    listed = ", ".join(f"`{commit}` ({n} units)" for commit, n in sorted(counts.items()))
+    return f"The units were started at commit {listed} (each unit's `env.json`).\n"
+
+
 def _quiet(message: str) -> None:
     """The log of ranks other than 0: they print nothing."""
 
@@ -1151,6 +1168,7 @@ def publish_results(
     provenance = (
         f"\n\nProduced by `{command}`"
         f" at commit `{env['git_commit']}` on {env['started']}.\n"
+        f"{_unit_commits(run_root)}"
         f"Machine: {cpu}, {env['cpu_count']} CPUs, {env['torch_threads']} torch threads, "
         f"device {env['device']}{' (' + env['cuda'] + ')' if env['cuda'] else ''}. "
         f"Versions: python {env['python']}, torch {env['torch']}, torchvision "
