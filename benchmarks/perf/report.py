@@ -719,9 +719,9 @@ def summary_section(runs: dict[str, dict]) -> str:
         )
         check = next(c for c in hc["input_check"] if c["point"] == hc["base"])
         out.append(
-            "- The input check `isfinite(x).all()` is "
+            "- The finite-input check: `isfinite(x).all()` would take "
             f"{100 * check['isfinite_all']['median_s'] / heads['avg']['time']['median_s']:.0f}% "
-            f"of the average-pool head's step; `aminmax` is "
+            f"of the average-pool head's step; the heads use `aminmax`, "
             f"{ratio(check['isfinite_all']['median_s'] / check['aminmax']['median_s'])} x faster."
         )
         fwd = hc["memory_fit"]["forward"]
