@@ -1,13 +1,16 @@
-"""Paired comparison of ablation variants with a base method, on validation classes.
+"""Paired comparison of variants with a base method, seed by seed.
 
 Reads the per-seed rows that ``python -m benchmarks.run --publish DIR`` wrote to
-``DIR/<config>.csv`` (a config with ``eval.split: val``), pairs every method with
+``DIR/<config>.csv`` (validation classes for a config with ``eval.split: val``, the
+default for ablations; ``--classes test`` for a comparison), pairs every method with
 the base method seed by seed, and writes a markdown table of the mean paired
 difference with its 95% Student-t CI. A variant counts as better (worse) only
 when the whole interval lies above (below) zero.
 
     python -m benchmarks.ablation_report benchmarks/results/omniglot_ablation.csv \
         --base base --out benchmarks/results/omniglot_ablation_paired.md
+    python -m benchmarks.ablation_report benchmarks/results/cub_compare.csv \
+        --base multihead_crt --classes test --out benchmarks/results/cub_compare_paired.md
 """
 
 from __future__ import annotations
@@ -69,10 +72,16 @@ def verdict(mean: float, half: float) -> str:
     return "no difference"
 
 
-def markdown(rows: Sequence[dict[str, object]], base: str, source: Path, command: str) -> str:
+def markdown(
+    rows: Sequence[dict[str, object]],
+    base: str,
+    source: Path,
+    command: str,
+    classes: str = "validation",
+) -> str:
     header = ["variant"] + [f"Δ{label} (pts)" for label in METRICS.values()] + ["MAP@R verdict"]
     lines = [
-        f"## Paired differences from `{base}` (validation classes)",
+        f"## Paired differences from `{base}` ({classes} classes)",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -104,13 +113,18 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("csv", type=Path, help="DIR/<config>.csv written by --publish")
     parser.add_argument("--base", default="base", help="the method every variant is paired with")
     parser.add_argument("--out", type=Path, default=None, help="write the markdown here")
+    parser.add_argument(
+        "--classes",
+        choices=("validation", "test"),
+        default="validation",
+        help="which classes the CSV's results are on (eval.split of its config)",
+    )
     args = parser.parse_args(argv)
     command = "python -m benchmarks.ablation_report " + shlex.join(
         sys.argv[1:] if argv is None else list(argv)
     )
-    text = markdown(
-        paired_differences(read_separate_rows(args.csv), args.base), args.base, args.csv, command
-    )
+    rows = paired_differences(read_separate_rows(args.csv), args.base)
+    text = markdown(rows, args.base, args.csv, command, args.classes)
     if args.out is not None:
         args.out.write_text(text)
     print(text)

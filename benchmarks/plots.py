@@ -300,7 +300,7 @@ def plot_validation_curves(run_root: Path, path: Path, name: str) -> Path | None
     ax.set_title(f"{name}: validation MAP@R per epoch\n{subtitle}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
     return path
 
 
@@ -372,7 +372,7 @@ def plot_metrics(run_root: Path, path: Path, name: str) -> Path | None:
             Patch(facecolor="white", edgecolor="black", hatch="///", label="concatenated folds"),
         ]
     ax.legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
     return path
 
 
@@ -398,7 +398,7 @@ def plot_spectra(run_root: Path, path: Path, name: str) -> Path | None:
     )
     ax.grid(alpha=0.3, which="both", lw=0.5)
     ax.legend(fontsize=8, loc="upper right")
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
     return path
 
 

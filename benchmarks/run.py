@@ -30,6 +30,7 @@ if os.environ.get("RANK", "0") != "0":
 
 import argparse
 import csv
+import functools
 import io
 import json
 import logging
@@ -127,7 +128,13 @@ def save_atomic(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+@functools.cache
 def _git_commit() -> str | None:
+    """HEAD (``-dirty`` with uncommitted changes) when this process first asks.
+
+    Asked once per process, at its first unit: that is the code the process
+    imported, even if commits land while it runs.
+    """
     repo = Path(__file__).resolve().parents[1]
     try:
         commit = subprocess.run(
@@ -1141,7 +1148,7 @@ def _unit_commits(run_root: Path | None) -> str:
     if not counts:
         return ""
     listed = ", ".join(f"`{commit}` ({n} units)" for commit, n in sorted(counts.items()))
-    return f"The units were started at commit {listed} (each unit's `env.json`).\n"
+    return f"The units ran the code of commit {listed} (each unit's `env.json`).\n"
 
 
 def _quiet(message: str) -> None:

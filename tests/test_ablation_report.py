@@ -58,6 +58,8 @@ def test_paired_differences_by_hand(tmp_path):
     text = main([str(path), "--base", "base", "--out", str(tmp_path / "out.md")])
     assert "| up | +2.00 ± 0.00 | +3.00 ± 0.00 | better |" in text
     assert (tmp_path / "out.md").read_text() == text
+    assert "(validation classes)" in text
+    assert "(test classes)" in main([str(path), "--base", "base", "--classes", "test"])
 
 
 def test_missing_base_is_an_error(tmp_path):

@@ -718,4 +718,4 @@ def test_published_table_names_the_commits_its_units_ran_at(tmp_path):
         tmp_path / "out", "t", "table", rows, ["p"], torch.device("cpu"), "cmd", root
     )
     text = (tmp_path / "out" / "t.md").read_text()
-    assert "The units were started at commit `c1` (2 units), `c2` (1 units)" in text
+    assert "The units ran the code of commit `c1` (2 units), `c2` (1 units)" in text
