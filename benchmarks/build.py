@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -117,7 +118,8 @@ def install_weights(name: str, weights: str, weights_path: str | Path, hub_dir: 
     target = Path(hub_dir) / "checkpoints" / Path(enum.url).name
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
+        # one temporary file per process: several ranks may install at once
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
         shutil.copyfile(source, tmp)
         tmp.replace(target)
     return target
