@@ -151,15 +151,11 @@ def plot_sweeps(hc: dict, folder: Path) -> tuple[str, str]:
         ax_t.set_yscale("log")
     axes_t[0].set_ylabel("forward + backward (ms)")
     axes_r[0].set_ylabel("FLOP/s / matmul FLOP/s")
-    for fig, axes in ((fig_t, axes_t), (fig_r, axes_r)):
+    for axes in (axes_t, axes_r):
         axes[-1].legend(hc["heads"], fontsize=8)
-        fig.tight_layout()
-    time_png, rate_png = folder / "head_time.png", folder / "head_flops_rate.png"
-    fig_t.savefig(time_png, dpi=110)
-    fig_r.savefig(rate_png, dpi=110)
-    plt.close(fig_t)
-    plt.close(fig_r)
-    return time_png.name, rate_png.name
+    return save_figure(fig_t, folder / "head_time.png"), save_figure(
+        fig_r, folder / "head_flops_rate.png"
+    )
 
 
 def plot_memory(hc: dict, folder: Path) -> str:
@@ -190,8 +186,12 @@ def plot_memory(hc: dict, folder: Path) -> str:
         ax.set_ylabel("MiB")
         ax.set_yscale("log")
         ax.legend(fontsize=8)
+    return save_figure(fig, folder / "crt_memory.png")
+
+
+def save_figure(fig: Any, png: Path) -> str:
+    """Lay out, write and close a pyplot figure; return the file name."""
     fig.tight_layout()
-    png = folder / "crt_memory.png"
     fig.savefig(png, dpi=110)
     plt.close(fig)
     return png.name
@@ -530,11 +530,7 @@ def plot_eval(es: dict, folder: Path) -> str:
     ax2.barh(names, [m["baseline_rss_mib"] / 1024 for m in methods], label="before the call")
     ax2.set_xlabel("GiB")
     ax2.legend(fontsize=8)
-    fig.tight_layout()
-    png = folder / "eval_scale.png"
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png.name
+    return save_figure(fig, folder / "eval_scale.png")
 
 
 def eval_section(es: dict, folder: Path, rel: str) -> str:
