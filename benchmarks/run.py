@@ -1100,11 +1100,9 @@ def _run_units(
     summary = summarize(rows, metrics)
     table = results_table(rows, config["seeds"])
     wall = time.time() - start
-    source = data._source
+    source = data.source  # loaded here too when every unit was done before
     header = f"## {config['name']}\n\n{config['dataset']['name']}"
-    if source is not None:
-        header += f": {source.num_classes} classes ({len(source.labels)} images)"
-    header += ", "
+    header += f": {source.num_classes} classes ({len(source.labels)} images), "
     header += f"MLRC split, folds {folds} of {config['num_folds']}"
     if report_split(config) == "val":
         header += "; VALIDATION classes only (the test classes were never embedded)"
@@ -1134,8 +1132,8 @@ def _run_units(
     }
 
 
-def _unit_commits(run_root: Path | None) -> str:
-    """Which commits the units of a run folder were trained at (their ``env.json``), as a line."""
+def _unit_provenance(run_root: Path | None) -> str:
+    """The commits the units of a run folder ran (``env.json``) and their total time, as lines."""
     if run_root is None:
         return ""
     counts: dict[str, int] = {}
@@ -1145,10 +1143,22 @@ def _unit_commits(run_root: Path | None) -> str:
         except (OSError, ValueError):
             continue
         counts[str(commit)] = counts.get(str(commit), 0) + 1
-    if not counts:
-        return ""
-    listed = ", ".join(f"`{commit}` ({n} units)" for commit, n in sorted(counts.items()))
-    return f"The units ran the code of commit {listed} (each unit's `env.json`).\n"
+    seconds = []
+    for results_file in sorted(run_root.glob(f"*/seed*/fold*/{RESULTS}")):
+        try:
+            seconds.append(float(json.loads(results_file.read_text())["total_time_s"]))
+        except (OSError, ValueError, KeyError):
+            continue
+    lines = ""
+    if counts:
+        listed = ", ".join(f"`{commit}` ({n} units)" for commit, n in sorted(counts.items()))
+        lines += f"The units ran the code of commit {listed} (each unit's `env.json`).\n"
+    if seconds:
+        lines += (
+            f"Time of the {len(seconds)} finished units, summed: {sum(seconds) / 60:.1f} min "
+            "(each unit's `total_time_s`; caches built once per process are not in it).\n"
+        )
+    return lines
 
 
 def _quiet(message: str) -> None:
@@ -1175,7 +1185,7 @@ def publish_results(
     provenance = (
         f"\n\nProduced by `{command}`"
         f" at commit `{env['git_commit']}` on {env['started']}.\n"
-        f"{_unit_commits(run_root)}"
+        f"{_unit_provenance(run_root)}"
         f"Machine: {cpu}, {env['cpu_count']} CPUs, {env['torch_threads']} torch threads, "
         f"device {env['device']}{' (' + env['cuda'] + ')' if env['cuda'] else ''}. "
         f"Versions: python {env['python']}, torch {env['torch']}, torchvision "

@@ -707,15 +707,17 @@ def test_omniglot_compare_every_method_on_a_tiny_slice(tmp_path):
     assert all(0.0 <= row["precision_at_1"] <= 1.0 for row in result["rows"])
 
 
-def test_published_table_names_the_commits_its_units_ran_at(tmp_path):
+def test_published_table_names_the_commits_and_time_of_its_units(tmp_path):
     root = tmp_path / "run"
     for method, seed, commit in [("a", 0, "c1"), ("a", 1, "c2"), ("b", 0, "c1")]:
         unit = bench.unit_dir(root, method, seed, 0)
         unit.mkdir(parents=True)
         (unit / "env.json").write_text(json.dumps({"git_commit": commit}))
+        (unit / "results.json").write_text(json.dumps({"total_time_s": 40.0 + seed}))
     rows = [{"method": "a", "evaluation": "separate", "seed": 0, "fold": "", "p": 0.5}]
     bench.publish_results(
         tmp_path / "out", "t", "table", rows, ["p"], torch.device("cpu"), "cmd", root
     )
     text = (tmp_path / "out" / "t.md").read_text()
     assert "The units ran the code of commit `c1` (2 units), `c2` (1 units)" in text
+    assert "Time of the 3 finished units, summed: 2.0 min" in text  # (40 + 41 + 40) s
