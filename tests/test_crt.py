@@ -347,6 +347,15 @@ def test_multi_head_shares_options_and_records_head_attributes():
     assert "head1_embedding_size" in module._record_these
 
 
+def test_multi_head_missing_head_attribute_is_an_attribute_error():
+    module = MultiHeadCRT(8, heads=[(4, 6), (2, 3)])
+    with pytest.raises(AttributeError, match=r"head5_num_prototypes.*2 heads \(head0 to head1\)"):
+        _ = module.head5_num_prototypes
+    assert not hasattr(module, "head2_embedding_size")
+    assert getattr(module, "head9_temperature_value", None) is None
+    assert module.head1_embedding_size == 3
+
+
 @pytest.mark.parametrize(
     "heads,match",
     [

@@ -292,6 +292,47 @@ def test_bad_loss_specs():
         MultiHeadLoss(3, SIZES)
 
 
+@pytest.mark.parametrize(
+    "arguments, match",
+    [
+        pytest.param(
+            dict(loss=losses.MultiSimilarityLoss),
+            r"loss is the class MultiSimilarityLoss, not an instance: pass an instance "
+            r"\(MultiSimilarityLoss\(\.\.\.\)\) or a factory `lambda embedding_size: ",
+            id="loss",
+        ),
+        pytest.param(
+            dict(
+                loss=[losses.ContrastiveLoss(), losses.TripletMarginLoss, losses.ContrastiveLoss()]
+            ),
+            r"loss\[1\] is the class TripletMarginLoss, not an instance",
+            id="loss-list",
+        ),
+        pytest.param(
+            dict(loss=losses.ContrastiveLoss(), miner=miners.MultiSimilarityMiner),
+            r"miner is the class MultiSimilarityMiner, not an instance: pass an instance "
+            r"\(MultiSimilarityMiner\(\.\.\.\)\)",
+            id="miner",
+        ),
+        pytest.param(
+            dict(loss=losses.ContrastiveLoss(), miner=[None, miners.MultiSimilarityMiner, None]),
+            r"miner\[1\] is the class MultiSimilarityMiner, not an instance",
+            id="miner-list",
+        ),
+        pytest.param(
+            dict(loss=losses.ContrastiveLoss(), consistency=SimilarityConsistencyLoss),
+            r"consistency is the class SimilarityConsistencyLoss, not an instance",
+            id="consistency",
+        ),
+    ],
+)
+def test_a_class_instead_of_an_instance_is_an_error(arguments, match):
+    """A class is callable, so it could pass for a factory: MultiSimilarityLoss(128) would
+    silently set alpha=128."""
+    with pytest.raises(TypeError, match=match):
+        MultiHeadLoss(embedding_sizes=[128, 64, 32], **arguments)
+
+
 def test_bad_arguments():
     contrastive = losses.ContrastiveLoss()
     with pytest.raises(ValueError, match="embedding_sizes"):

@@ -33,6 +33,21 @@ def _is_size_dependent(module: torch.nn.Module) -> bool:
     return False
 
 
+def _reject_class(value: object, name: str, *, factory: bool = False) -> None:
+    """Raise ``TypeError`` if ``value`` is a class rather than an instance.
+
+    A class is callable, so where a factory ``embedding_size -> loss`` is
+    accepted, ``MultiSimilarityLoss`` would pass for one and build
+    ``MultiSimilarityLoss(embedding_size)``, i.e. ``alpha=embedding_size``.
+    """
+    if isinstance(value, type):
+        cls = value.__name__
+        expected = f"an instance ({cls}(...))"
+        if factory:
+            expected += f" or a factory `lambda embedding_size: {cls}(...)`"
+        raise TypeError(f"{name} is the class {cls}, not an instance: pass {expected}")
+
+
 class MultiHeadLoss(BaseMetricLossFunction):
     """A PML loss on every head's slice of the concatenated embeddings, plus consistency.
 
@@ -57,6 +72,11 @@ class MultiHeadLoss(BaseMetricLossFunction):
               ``NormalizedSoftmaxLoss``, ``CrossBatchMemory``...): a single such
               instance raises ``ValueError``;
             - a list of distinct loss instances, one per head.
+
+            A loss class (``MultiSimilarityLoss`` rather than
+            ``MultiSimilarityLoss()``) raises ``TypeError``: it is callable, but
+            as a factory it would receive the embedding size as its first
+            argument. The same holds for ``miner`` and ``consistency``.
 
         embedding_sizes: width of every head, in concatenation order
             (``MultiHeadCRT.embedding_sizes``).
@@ -173,6 +193,7 @@ class MultiHeadLoss(BaseMetricLossFunction):
 
     def _build_losses(self, loss: LossSpec) -> list[torch.nn.Module]:
         sizes = self.embedding_sizes
+        _reject_class(loss, "loss", factory=True)
         if isinstance(loss, torch.nn.Module):
             if _is_size_dependent(loss):
                 name = type(loss).__name__
@@ -192,6 +213,7 @@ class MultiHeadLoss(BaseMetricLossFunction):
                     f"has {self.num_heads} heads"
                 )
             for i, item in enumerate(losses):
+                _reject_class(item, f"loss[{i}]")
                 if not isinstance(item, torch.nn.Module):
                     raise TypeError(
                         f"loss[{i}] must be a torch.nn.Module loss, got {type(item).__name__}"
@@ -231,6 +253,7 @@ class MultiHeadLoss(BaseMetricLossFunction):
     ) -> torch.nn.ModuleDict | None:
         if miner is None:
             return None
+        _reject_class(miner, "miner")
         if isinstance(miner, torch.nn.Module):
             miners = [copy.deepcopy(miner) for _ in range(self.num_heads)]
         elif isinstance(miner, Sequence) and not isinstance(miner, (str, bytes)):
@@ -245,6 +268,7 @@ class MultiHeadLoss(BaseMetricLossFunction):
                 f"miner must be a PML miner or a list of miners, got {type(miner).__name__}"
             )
         for i, item in enumerate(miners):
+            _reject_class(item, f"miner[{i}]")
             if item is not None and not isinstance(item, torch.nn.Module):
                 raise TypeError(
                     f"miner[{i}] must be a PML miner or None, got {type(item).__name__}"
@@ -254,6 +278,7 @@ class MultiHeadLoss(BaseMetricLossFunction):
         return torch.nn.ModuleDict({f"head{i}": m for i, m in enumerate(miners) if m is not None})
 
     def _build_consistency(self, consistency: ConsistencySpec) -> SimilarityConsistencyLoss | None:
+        _reject_class(consistency, "consistency")
         if self.num_heads < 2:
             if consistency is not None:
                 raise ValueError(

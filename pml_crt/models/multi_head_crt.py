@@ -79,9 +79,21 @@ class MultiHeadCRT(ModuleWithRecords):
         return self.embedding_sizes[0]
 
     def __getattr__(self, name: str) -> Any:
+        """``head{i}_{attribute}`` (the recorded head attributes), else ``Module``'s lookup.
+
+        Raises ``AttributeError`` for a head index past the last head, so that
+        ``hasattr`` and ``getattr(module, name, default)`` work.
+        """
         match = _HEAD_RECORD.match(name)
         if match and match.group(2) in _RECORDED_HEAD_ATTRIBUTES:
-            return getattr(self.heads[int(match.group(1))], match.group(2))
+            heads = self.heads
+            index = int(match.group(1))
+            if index >= len(heads):
+                raise AttributeError(
+                    f"{type(self).__name__} has no attribute {name!r}: it has {len(heads)} "
+                    f"heads (head0 to head{len(heads) - 1})"
+                )
+            return getattr(heads[index], match.group(2))
         return super().__getattr__(name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
