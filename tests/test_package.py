@@ -1,7 +1,9 @@
-"""Packaging: version, flat subpackages and their public names."""
+"""Packaging: version, flat subpackages, their public names and what importing them costs."""
 
 import importlib
 import importlib.metadata
+import subprocess
+import sys
 
 import pytest
 
@@ -28,3 +30,44 @@ def test_flat_subpackages_export_their_public_names(subpackage, names):
     assert names <= set(module.__all__)
     for name in module.__all__:
         assert getattr(module, name) is not None
+
+
+def _fresh_interpreter(code: str) -> str:
+    completed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    return completed.stdout
+
+
+def test_models_and_losses_import_without_torchvision_faiss_or_yaml():
+    printed = _fresh_interpreter(
+        "import sys\n"
+        "from pml_crt.models import CRT, MultiHeadCRT\n"
+        "from pml_crt.losses import MultiHeadLoss\n"
+        "from pml_crt.regularizers import SimilarityConsistencyRegularizer\n"
+        "from pml_crt.trunks import SmallConvNet\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torchvision', 'faiss', 'yaml'}))"
+    )
+    assert printed.strip() == "[]"
+
+
+def test_lazy_names_resolve_to_the_same_objects_in_any_import_order():
+    # ``cub`` and ``feature_map_trunk`` are both a submodule and the function it
+    # exports: importing the submodule first must not shadow the function.
+    printed = _fresh_interpreter(
+        "from pml_crt.datasets.cub import ToRGB\n"
+        "from pml_crt.trunks.feature_map_trunk import FeatureMapTrunk\n"
+        "import pml_crt\n"
+        "from pml_crt import datasets, trunks\n"
+        "print(type(datasets.cub).__name__, type(trunks.feature_map_trunk).__name__,"
+        " datasets.ToRGB is ToRGB, trunks.FeatureMapTrunk is FeatureMapTrunk)"
+    )
+    assert printed.split() == ["function", "function", "True", "True"]
+
+
+def test_unknown_names_raise_attribute_error():
+    assert not hasattr(pml_crt, "no_such_name")
+    with pytest.raises(AttributeError, match="no_such_name"):
+        pml_crt.utils.no_such_name  # noqa: B018
+    assert {"models", "utils"} <= set(dir(pml_crt))

@@ -1,9 +1,9 @@
-"""Datasets read from local copies, in the layouts their official downloads unpack to."""
+"""Datasets read from local copies, in the layouts their official downloads unpack to.
 
-from .cached import CachedDataset, cache_dataset
-from .class_subset import select_classes
-from .cub import ToRGB, cub
-from .omniglot import OmniglotCharacters, download_omniglot
+Imported on first access, so the models and losses never pull in torchvision.
+"""
+
+from .._lazy import lazy_package
 
 __all__ = [
     "CachedDataset",
@@ -14,3 +14,16 @@ __all__ = [
     "download_omniglot",
     "select_classes",
 ]
+
+lazy_package(
+    __name__,
+    attributes={
+        "CachedDataset": "cached",
+        "OmniglotCharacters": "omniglot",
+        "ToRGB": "cub",
+        "cache_dataset": "cached",
+        "cub": "cub",
+        "download_omniglot": "omniglot",
+        "select_classes": "class_subset",
+    },
+)

@@ -1,8 +1,6 @@
-"""Helpers shared across pml-crt."""
+"""Helpers shared across pml-crt (imported on first access: faiss loads only when used)."""
 
-from . import distributed, validation
-from .accuracy import faiss_available, make_accuracy_calculator, make_knn_func
-from .analysis_metrics import AnalysisAccuracyCalculator, embedding_density, spectral_decay
+from .._lazy import lazy_package
 
 __all__ = [
     "AnalysisAccuracyCalculator",
@@ -14,3 +12,16 @@ __all__ = [
     "spectral_decay",
     "validation",
 ]
+
+lazy_package(
+    __name__,
+    submodules=("distributed", "validation"),
+    attributes={
+        "AnalysisAccuracyCalculator": "analysis_metrics",
+        "embedding_density": "analysis_metrics",
+        "faiss_available": "accuracy",
+        "make_accuracy_calculator": "accuracy",
+        "make_knn_func": "accuracy",
+        "spectral_decay": "analysis_metrics",
+    },
+)
