@@ -1,0 +1,105 @@
+"""The README as a user meets it: its set-up commands and its Python blocks run as written.
+
+The Python blocks run in order, in one namespace, from a working directory
+that has ``../shared`` beside it as the README assumes, with torchvision's
+weights cache in a temporary ``$TORCH_HOME`` filled as the README says. Two
+things are made smaller, and both are asserted to be present so that the
+README cannot drift away from them: ``pml_crt.datasets.cub`` returns a slice
+of each split (8 species, 4 images each), and ``trainer.train(num_epochs=10)``
+runs 2 epochs.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import pml_crt.datasets
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+SHARED = ROOT.parent / "shared"
+WEIGHTS = SHARED / "weights" / "mobilenet_v2-b0353104.pth"
+CLASSES, IMAGES_PER_CLASS = 8, 4
+EPOCHS = ("trainer.train(num_epochs=10)", "trainer.train(num_epochs=2)")
+
+
+def _blocks(language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", README.read_text(), flags=re.M | re.S)
+
+
+def test_readme_opens_with_the_two_setup_commands_ci_runs():
+    text = README.read_text()
+    first_block = re.search(r"^```(\w*)\n(.*?)^```", text, flags=re.M | re.S)
+    assert first_block.group(1) == "bash"
+    install_and_run, tests = first_block.group(2).strip().splitlines()
+    assert "pip install" in install_and_run and "-m benchmarks.run --config" in install_and_run
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert tests in ci.splitlines(), f"{tests!r} is not the test command .ci/run runs"
+
+
+def _small_cub(full_cub):
+    """``cub`` returning the first ``CLASSES`` classes with ``IMAGES_PER_CLASS`` images each."""
+
+    def small_cub(root, split="train", transform=None, **kwargs):
+        dataset = full_cub(root, split, transform, class_subset=range(CLASSES), **kwargs)
+        keep = [
+            i
+            for i, y in enumerate(dataset.labels)
+            if dataset.labels[:i].count(y) < IMAGES_PER_CLASS
+        ]
+        dataset.paths = [dataset.paths[i] for i in keep]
+        dataset.labels = [dataset.labels[i] for i in keep]
+        return dataset
+
+    return small_cub
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (SHARED / "data" / "CUB_200_2011").is_dir() or not WEIGHTS.is_file(),
+    reason=f"CUB or the MobileNetV2 weights not found under {SHARED} (see SPEC section 4)",
+)
+def test_readme_python_blocks_run(tmp_path, monkeypatch, capsys):
+    blocks = _blocks("python")
+    assert len(blocks) >= 2, "expected the pipeline and the export blocks"
+    assert blocks[0].count(EPOCHS[0]) == 1
+    blocks[0] = blocks[0].replace(*EPOCHS)
+
+    checkpoints = tmp_path / "torch_home" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    shutil.copy(WEIGHTS, checkpoints)  # the README's one-line offline step
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    (tmp_path / "shared").symlink_to(SHARED)
+    (tmp_path / "project").mkdir()
+    monkeypatch.chdir(tmp_path / "project")
+    monkeypatch.setattr(pml_crt.datasets, "cub", _small_cub(pml_crt.datasets.cub))
+
+    namespace: dict = {"__name__": "__readme__"}
+    for block in blocks:
+        exec(compile(block, str(README), "exec"), namespace)
+
+    printed = capsys.readouterr().out
+    accuracies = namespace["tester"].all_accuracies["test"]
+    for metric in ("precision_at_1", "r_precision", "mean_average_precision_at_r"):
+        value = accuracies[f"{metric}_level0"]
+        assert 0.0 <= value <= 1.0 and repr(value) in printed
+    assert len(namespace["train_set"]) == len(namespace["test_set"]) == CLASSES * IMAGES_PER_CLASS
+    assert namespace["trainer"].epoch == 2
+
+    model, example = namespace["model"], namespace["example"]
+    with torch.no_grad():
+        expected = model(example)
+        assert expected.shape == (2, 512)
+        exported = namespace["program"].module()(example)
+        traced = namespace["traced"](example)
+    # the same float32 graph: only reordering of sums differs
+    scale = expected.abs().max()
+    for result in (exported, traced):
+        torch.testing.assert_close(result, expected, rtol=0, atol=1e-5 * float(scale))
+    for name in ("model.pt2", "model.onnx"):
+        assert (tmp_path / "project" / name).is_file()
