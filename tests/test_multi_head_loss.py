@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning import losses, miners, reducers, samplers, trainers
 from pytorch_metric_learning.distances import LpDistance
+from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.utils import common_functions as pml_cf
 from record_keeper import RecordKeeper
 
@@ -426,10 +427,87 @@ def test_trains_under_a_pml_trainer_and_is_recorded():
     assert any(g.endswith("SimilarityConsistencyLoss") and n == "temperature" for g, n in series)
 
 
-def test_single_class_batch_is_rejected_for_pair_losses_only():
+@pytest.mark.parametrize(
+    "pair_loss",
+    [losses.ContrastiveLoss(), losses.TripletMarginLoss(), losses.MultiSimilarityLoss()],
+    ids=lambda loss: type(loss).__name__,
+)
+def test_single_class_batch_is_rejected_for_pair_losses(pair_loss):
     x, _ = _batch()
     one_class = torch.zeros(len(x), dtype=torch.long)
-    with pytest.raises(ValueError, match="labels holds a single class .* MultiSimilarityLoss"):
-        MultiHeadLoss(losses.MultiSimilarityLoss(), SIZES)(x, one_class)
+    name = type(pair_loss).__name__
+    with pytest.raises(ValueError, match=f"labels holds a single class .* {name} has no negative"):
+        MultiHeadLoss(pair_loss, SIZES)(x, one_class)
+    # One pair loss among the heads is enough to be rejected.
+    mixed = [losses.ProxyAnchorLoss(NUM_CLASSES, 8), pair_loss, losses.ProxyNCALoss(NUM_CLASSES, 6)]
+    with pytest.raises(ValueError, match=f"{name} has no negative"):
+        MultiHeadLoss(mixed, SIZES)(x, one_class)
+
+
+def test_single_class_batch_is_fine_for_proxy_losses():
+    x, _ = _batch()
+    one_class = torch.zeros(len(x), dtype=torch.long)
     proxy = MultiHeadLoss(lambda d: losses.ProxyAnchorLoss(NUM_CLASSES, d), SIZES)
-    assert torch.isfinite(proxy(x, one_class))  # proxies need no second class in the batch
+    expected = sum(m(z, one_class) for m, z in zip(proxy.losses.values(), _slices(x), strict=True))
+    torch.testing.assert_close(proxy(x, one_class), expected + _hand_consistency(x))
+
+
+def test_single_class_batch_is_fine_for_cross_batch_memory():
+    """The memory holds the negatives of earlier batches: stock CrossBatchMemory on each
+    head's slice is the reference, batch after batch."""
+    sizes = [8, 4]
+    loss = MultiHeadLoss(
+        lambda d: losses.CrossBatchMemory(losses.ContrastiveLoss(), d, memory_size=64), sizes
+    )
+    stock = [losses.CrossBatchMemory(losses.ContrastiveLoss(), d, memory_size=64) for d in sizes]
+    one_class = torch.zeros(16, dtype=torch.long)
+    batches = [
+        (_batch(sizes=sizes, seed=1)[0], one_class),  # memory: this batch only
+        _batch(sizes=sizes, seed=2),  # classes 0 to 3
+        (_batch(sizes=sizes, seed=3)[0], one_class),  # memory: negatives of the batch before
+    ]
+    for x, y in batches:
+        expected = sum(m(z, y) for m, z in zip(stock, _slices(x, sizes), strict=True))
+        torch.testing.assert_close(loss(x, y), expected + _hand_consistency(x, sizes))
+    # The memory's negatives did count: the last loss is not the positive pairs' alone.
+    x, y = batches[-1]
+    positives_only = sum(losses.ContrastiveLoss()(z, y) for z in _slices(x, sizes))
+    assert not torch.allclose(loss(x, y) - _hand_consistency(x, sizes), positives_only)
+
+
+class _ReferenceSetLoss(BaseMetricLossFunction):
+    """Contrastive loss of the batch against a fixed reference set held in buffers."""
+
+    def __init__(self, references: torch.Tensor, reference_labels: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("references", references)
+        self.register_buffer("reference_labels", reference_labels)
+        self.contrastive = losses.ContrastiveLoss()
+
+    def forward(self, embeddings, labels, indices_tuple=None):
+        return self.contrastive(embeddings, labels, None, self.references, self.reference_labels)
+
+
+def test_single_class_batch_is_fine_for_a_loss_with_its_own_references():
+    x, _ = _batch()
+    one_class = torch.zeros(len(x), dtype=torch.long)
+    references, reference_labels = _batch(batch=8, seed=4)
+    widths = dict(zip(SIZES, _slices(references), strict=True))
+    wrapped = MultiHeadLoss(lambda d: _ReferenceSetLoss(widths[d], reference_labels), SIZES)
+    expected = sum(
+        losses.ContrastiveLoss()(z, one_class, None, r, reference_labels)
+        for z, r in zip(_slices(x), _slices(references), strict=True)
+    )
+    torch.testing.assert_close(wrapped(x, one_class), expected + _hand_consistency(x))
+    # A wrapper holding a memory inside another wrapper is recognised too.
+    nested = MultiHeadLoss(
+        lambda d: losses.MultipleLosses(
+            [losses.CrossBatchMemory(losses.ContrastiveLoss(), d, memory_size=32)]
+        ),
+        SIZES,
+    )
+    expected = sum(
+        losses.CrossBatchMemory(losses.ContrastiveLoss(), z.shape[1], memory_size=32)(z, one_class)
+        for z in _slices(x)
+    )
+    torch.testing.assert_close(nested(x, one_class), expected + _hand_consistency(x))

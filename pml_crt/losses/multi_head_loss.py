@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -46,6 +47,17 @@ def _reject_class(value: object, name: str, *, factory: bool = False) -> None:
         if factory:
             expected += f" or a factory `lambda embedding_size: {cls}(...)`"
         raise TypeError(f"{name} is the class {cls}, not an instance: pass {expected}")
+
+
+def _holds_references(module: torch.nn.Module) -> bool:
+    """True if ``module`` (or a wrapped loss) compares the batch with state of its own.
+
+    That is: it has parameters (proxies, class weights) or buffers (a memory
+    bank, as ``CrossBatchMemory``'s ``embedding_memory``, or any stored
+    reference set), so it does not need pairs within the batch. A stock PML
+    loss without either only compares the batch's samples with each other.
+    """
+    return any(True for _ in itertools.chain(module.parameters(), module.buffers()))
 
 
 class MultiHeadLoss(BaseMetricLossFunction):
@@ -171,24 +183,30 @@ class MultiHeadLoss(BaseMetricLossFunction):
     def _check_pairs_possible(
         self, labels: torch.Tensor | None, indices_tuple: Any, has_ref: bool
     ) -> None:
-        """Reject a single-class batch when a head's loss compares samples with each other.
+        """Reject a single-class batch when a head's loss only compares batch samples.
 
-        Parameter-free label losses (contrastive, triplet, multi-similarity, ...) find no
-        negative pair in such a batch and would silently return zero; proxy losses (which
-        hold parameters) and label-free losses are fine with it.
+        A loss with no state of its own (contrastive, triplet, multi-similarity,
+        ...) can only pair the batch's samples with each other, so a batch of one
+        class gives it no negative pair: its loss loses the negative term or is
+        0, silently. Losses that compare the batch with references of their own
+        (see :func:`_holds_references`: proxy losses, ``CrossBatchMemory`` and
+        other memory banks) are fine with it, and so are calls without labels
+        (label-free losses) or with ``ref_emb`` or an ``indices_tuple`` (the
+        caller chose the comparisons).
         """
         if labels is None or indices_tuple is not None or has_ref or len(labels) == 0:
             return
         pair_losses = [
             type(head_loss).__name__
             for head_loss in self.losses.values()
-            if not any(True for _ in head_loss.parameters())
+            if not _holds_references(head_loss)
         ]
         if pair_losses and bool((labels == labels.reshape(-1)[0]).all()):
             raise ValueError(
                 f"labels holds a single class ({labels.reshape(-1)[0].item()}) for the whole "
-                f"batch, so {pair_losses[0]} has no negative pair and would return 0: sample "
-                "batches with at least 2 classes (e.g. MPerClassSampler)"
+                f"batch, so {pair_losses[0]} has no negative pair and would silently lose its "
+                "negative term: sample batches with at least 2 classes (e.g. MPerClassSampler), "
+                "or use a loss with references of its own (a proxy loss, CrossBatchMemory)"
             )
 
     def _build_losses(self, loss: LossSpec) -> list[torch.nn.Module]:
