@@ -2,7 +2,9 @@
 
 Stated tolerance: outputs within 3% relative (Frobenius) error of float32 and parameter
 gradients pointing the same way (cosine > 0.99), with every value finite, for normal
-inputs, inputs with norms near 1e4, constant feature maps and all-zero maps.
+inputs, inputs with norms near 1e4, constant feature maps and all-zero maps. Also the input-dtype
+rule: a dtype other than the parameters' is a clear error, except the low-precision mix that
+autocast handles.
 """
 
 import pytest
@@ -98,3 +100,71 @@ def test_losses_under_autocast(device, dtype):
         assert torch.isfinite(values[1]) and torch.isfinite(grads[1]).all(), name
         assert abs(values[1] - values[0]) <= RELATIVE_TOLERANCE * values[0].abs() + 1e-3, name
         assert F.cosine_similarity(grads[1].flatten(), grads[0].flatten(), dim=0) > 0.95, name
+
+
+# --------------------------------------------------------------------------- input dtype
+
+MISMATCHES = [
+    (torch.float32, torch.float64),
+    (torch.float64, torch.float32),
+    (torch.float32, torch.bfloat16),
+    (torch.float64, torch.float16),
+]
+
+
+@pytest.mark.parametrize("module_dtype,input_dtype", MISMATCHES, ids=str)
+@pytest.mark.parametrize("name", list(EMBEDDERS))
+def test_input_of_another_dtype_is_a_clear_error(name, module_dtype, input_dtype):
+    """Outside autocast, an input whose dtype differs from the parameters' is refused
+    with a message naming the argument and both dtypes (not cast silently)."""
+    module = EMBEDDERS[name]().to(module_dtype)
+    x = _inputs("normal", "cpu").to(input_dtype)
+    with pytest.raises(TypeError, match=f"x has dtype {input_dtype}, .* {module_dtype}"):
+        module(x)
+
+
+@pytest.mark.parametrize("name", list(EMBEDDERS))
+def test_float64_input_under_autocast_is_a_clear_error(name):
+    """Autocast leaves float64 alone, so it cannot meet float32 parameters there either."""
+    module = EMBEDDERS[name]()
+    x = _inputs("normal", "cpu").double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(TypeError, match="x has dtype torch.float64, .* torch.float32"):
+            module(x)
+
+
+@pytest.mark.parametrize("input_dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(EMBEDDERS))
+def test_low_precision_input_under_autocast_is_accepted(name, input_dtype):
+    """What an autocast trunk hands a float32 embedder; autocast casts it for every matmul."""
+    torch.manual_seed(0)
+    module = EMBEDDERS[name]()
+    x = _inputs("normal", "cpu")
+    reference = module(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(x.to(input_dtype))
+    assert _relative_error(out, reference) < RELATIVE_TOLERANCE
+
+
+@pytest.mark.parametrize("pooling", ["avg", "max", "gem"])
+@pytest.mark.parametrize("input_dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_pooling_without_linear_takes_any_floating_dtype(pooling, input_dtype):
+    """No parameter meets the tokens (GeM's p is cast to them), so nothing can mismatch."""
+    module = GlobalPoolEmbedder(32, None, pooling=pooling)
+    x = _inputs("normal", "cpu").abs().to(input_dtype)
+    out = module(x)
+    tokens = x.flatten(2).double()
+    p = module.gem_p_value if pooling == "gem" else None
+    expected = {
+        "avg": lambda: tokens.mean(dim=2),
+        "max": lambda: tokens.amax(dim=2),
+        "gem": lambda: tokens.clamp(min=module.gem_eps).pow(p).mean(dim=2).pow(1 / p),
+    }[pooling]()
+    assert out.dtype == input_dtype
+    # The reference starts from the same (rounded) values, so only the ops' rounding counts:
+    # bfloat16 rounds each op to 2**-9 relative; GeM's exp(p log x) multiplies the rounding of
+    # log x by p |log x| < 4.5 here (x < 4.2, p = 3; values near gem_eps add ~0 to the mean),
+    # and its final pow divides the error by p again: about 2 * 2**-8 in all, bounded here by
+    # 4 * 2**-8. float64: the same ops at 2**-53.
+    tolerance = 1e-12 if input_dtype == torch.float64 else 4 * 2.0**-8
+    torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance)

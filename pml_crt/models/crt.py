@@ -210,7 +210,9 @@ class CRT(ModuleWithRecords):
         Returns:
             ``(B, K, d)``.
         """
-        tokens = feature_map_to_tokens(x, self.in_channels, "x", self.check_inputs)
+        tokens = feature_map_to_tokens(
+            x, self.in_channels, "x", self.check_inputs, self.prototypes.dtype
+        )
         return self._code(self.projection(tokens))
 
     def _code(self, features: torch.Tensor) -> torch.Tensor:
@@ -246,7 +248,10 @@ class CRT(ModuleWithRecords):
         """Embed a feature map.
 
         Args:
-            x: ``(B, C, H, W)`` feature map or ``(B, N, C)`` token sequence.
+            x: ``(B, C, H, W)`` feature map or ``(B, N, C)`` token sequence,
+                in the dtype of the module's parameters; under ``torch.autocast``
+                float32, float16 and bfloat16 mix. Any other dtype raises
+                ``TypeError`` naming both dtypes: the input is never cast.
 
         Returns:
             ``(B, embedding_size)`` embeddings (not normalised; PML's distances

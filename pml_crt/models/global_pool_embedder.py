@@ -114,7 +114,9 @@ class GlobalPoolEmbedder(ModuleWithRecords):
         Returns:
             ``(B, C)``.
         """
-        tokens = feature_map_to_tokens(x, self.in_channels, "x", self.check_inputs)  # (B, N, C)
+        # GeM's p is cast to the tokens: only the Linear needs a matching dtype.
+        dtype = None if self.linear is None else self.linear.weight.dtype
+        tokens = feature_map_to_tokens(x, self.in_channels, "x", self.check_inputs, dtype)
         if self.pooling == "avg":
             return tokens.mean(dim=1)
         if self.pooling == "max":
@@ -129,7 +131,11 @@ class GlobalPoolEmbedder(ModuleWithRecords):
         """Embed a feature map.
 
         Args:
-            x: ``(B, C, H, W)`` feature map or ``(B, N, C)`` token sequence.
+            x: ``(B, C, H, W)`` feature map or ``(B, N, C)`` token sequence,
+                in the Linear's dtype (under ``torch.autocast`` float32, float16
+                and bfloat16 mix; any other dtype raises ``TypeError`` naming
+                both dtypes, the input is never cast). Without the Linear any
+                floating dtype works, and the output has it.
 
         Returns:
             ``(B, embedding_size)`` embeddings (``(B, C)`` without a Linear);

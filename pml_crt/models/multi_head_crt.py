@@ -106,7 +106,10 @@ class MultiHeadCRT(ModuleWithRecords):
         LayerNorm. The result equals running every head on its own.
 
         Args:
-            x: ``(B, C, H, W)`` feature map or ``(B, N, C)`` token sequence.
+            x: ``(B, C, H, W)`` feature map or ``(B, N, C)`` token sequence,
+                in the dtype of the module's parameters; under ``torch.autocast``
+                float32, float16 and bfloat16 mix. Any other dtype raises
+                ``TypeError`` naming both dtypes: the input is never cast.
 
         Returns:
             ``(B, sum(embedding_sizes))`` in training mode or with
@@ -115,7 +118,8 @@ class MultiHeadCRT(ModuleWithRecords):
         if not self.training and self.eval_output == "primary":
             return self.heads[0](x)
         check = any(head.check_inputs for head in self.heads)
-        tokens = feature_map_to_tokens(x, self.in_channels, "x", check)
+        dtype = self.heads[0].prototypes.dtype  # module.to(dtype) converts every head
+        tokens = feature_map_to_tokens(x, self.in_channels, "x", check, dtype)
         features = _project_all(self.heads, tokens)
         return torch.cat(
             [head._embed(head._code(f)) for head, f in zip(self.heads, features, strict=True)],

@@ -155,7 +155,9 @@ class NetVLAD(ModuleWithRecords):
 
     def descriptors(self, x: torch.Tensor) -> torch.Tensor:
         """Local descriptors ``X``: ``(B, N, d)`` (projected, optionally L2-normalised)."""
-        tokens = feature_map_to_tokens(x, self.in_channels, "x", self.check_inputs)
+        tokens = feature_map_to_tokens(
+            x, self.in_channels, "x", self.check_inputs, self.centroids.dtype
+        )
         features = self.projection(tokens)
         if self.normalize_input:
             features = F.normalize(features, dim=-1, eps=_EPS)
@@ -186,7 +188,10 @@ class NetVLAD(ModuleWithRecords):
         """Embed a feature map.
 
         Args:
-            x: ``(B, C, H, W)`` feature map or ``(B, N, C)`` token sequence.
+            x: ``(B, C, H, W)`` feature map or ``(B, N, C)`` token sequence,
+                in the dtype of the module's parameters; under ``torch.autocast``
+                float32, float16 and bfloat16 mix. Any other dtype raises
+                ``TypeError`` naming both dtypes: the input is never cast.
 
         Returns:
             ``(B, embedding_size)`` embeddings; with ``embedding_size=None`` the

@@ -94,17 +94,56 @@ def check_finite(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} contains NaN or infinite values")
 
 
+def check_input_dtype(x: torch.Tensor, dtype: torch.dtype, name: str = "x") -> None:
+    """Raise ``TypeError`` unless ``x`` can meet parameters of ``dtype`` as it is.
+
+    The input is never cast: a float64 feature map given to a float32 module
+    (or the reverse) is an error: the module would fail in its first matrix
+    product, and a silent cast would compute in a precision the caller did
+    not choose.
+    Under ``torch.autocast`` for ``x``'s device, autocast itself casts float32,
+    float16 and bfloat16 to its dtype for every matrix product, so those mix
+    freely; float64 is left alone by autocast, so it must still match.
+    Only dtypes are compared: no host synchronisation.
+
+    Args:
+        x: a floating-point tensor.
+        dtype: the dtype of the parameters ``x`` is multiplied with.
+        name: the argument name used in the error message.
+    """
+    if x.dtype == dtype:
+        return
+    if (
+        torch.is_autocast_enabled(x.device.type)
+        and x.dtype != torch.float64
+        and dtype != torch.float64
+    ):
+        return
+    raise TypeError(
+        f"{name} has dtype {x.dtype}, but the module's parameters are {dtype}: pass "
+        f"{name}.to({dtype}) or convert the module with .to({x.dtype}) (under torch.autocast, "
+        "float32, float16 and bfloat16 inputs are accepted; float64 never mixes)"
+    )
+
+
 def feature_map_to_tokens(
-    x: object, in_channels: int, name: str = "x", check_values: bool = True
+    x: object,
+    in_channels: int,
+    name: str = "x",
+    check_values: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Turn a trunk output into a token sequence.
 
     Args:
         x: ``(B, C, H, W)`` feature map (CNN trunk) or ``(B, N, C)`` token
-            sequence (transformer trunk).
+            sequence (transformer trunk), floating point.
         in_channels: the expected ``C``.
         name: the argument name used in error messages.
         check_values: also reject NaN and infinite values.
+        dtype: the dtype of the module parameters the tokens meet; ``x`` must
+            have it (see :func:`check_input_dtype`). ``None`` skips the check
+            (no parameter meets the tokens, so any floating dtype works).
 
     Returns:
         ``(B, N, C)`` tokens, with ``N = H * W`` for a feature map (a view of
@@ -129,6 +168,8 @@ def feature_map_to_tokens(
         )
     if batch == 0 or x.numel() == 0:
         raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
+    if dtype is not None:
+        check_input_dtype(x, dtype, name)
     if check_values:
         check_finite(x, name)
     if x.dim() == 4:
