@@ -67,6 +67,32 @@ def test_equals_weighted_sum_of_head_losses_plus_consistency():
     assert loss.head1_weight == 0.5 and loss.consistency_weight == 0.7
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_gradient_equals_the_reference_gradient(dtype):
+    """Every term, the consistency term included, sends its gradient to the embeddings.
+
+    The reference is the loop-written consistency (and stock per-head losses) under
+    autograd. Head weights 0 isolate the consistency term's own gradient.
+    """
+    x, y = _batch()
+    x = x.to(dtype)
+    # Rounding: ~16-term sums of values scaled by 1/T = 10, so errors of about
+    # 16 * 10 * eps relative to the largest gradient; 1000 * eps leaves margin.
+    tolerance = 1000 * torch.finfo(dtype).eps
+    for head_weights in ([1.0, 0.5, 2.0], [0.0, 0.0, 0.0]):
+        loss = MultiHeadLoss(
+            losses.ContrastiveLoss(), SIZES, consistency_weight=0.7, head_weights=head_weights
+        )
+        actual = x.clone().requires_grad_()
+        loss(actual, y).backward()
+        reference = x.clone().requires_grad_()
+        heads = [losses.ContrastiveLoss()(z, y) for z in _slices(reference)]
+        expected = sum(w * h for w, h in zip(head_weights, heads, strict=True))
+        (expected + 0.7 * _hand_consistency(reference)).backward()
+        assert torch.count_nonzero(reference.grad) == reference.numel()
+        torch.testing.assert_close(actual.grad, reference.grad, rtol=tolerance, atol=tolerance)
+
+
 def test_loss_dict_and_sub_loss_names():
     x, y = _batch()
     loss = MultiHeadLoss(losses.MultiSimilarityLoss(), SIZES, consistency_weight=2.0)
