@@ -103,3 +103,18 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch, capsys):
         torch.testing.assert_close(result, expected, rtol=0, atol=1e-5 * float(scale))
     for name in ("model.pt2", "model.onnx"):
         assert (tmp_path / "project" / name).is_file()
+
+
+def test_timing_script_reads_the_first_command_and_rewrites_only_its_sentence(tmp_path):
+    from benchmarks import time_readme
+
+    text = README.read_text()
+    assert time_readme.readme_first_command() == text.split("```bash\n")[1].splitlines()[0]
+    copy = tmp_path / "README.md"
+    copy.write_text(text)
+    time_readme.write_readme_sentence("It took 1.0 min.", copy)
+    before, _, after = text.partition(time_readme.MARKERS[0])
+    rewritten = copy.read_text()
+    assert rewritten.startswith(before + time_readme.MARKERS[0] + "\nIt took 1.0 min.\n")
+    assert rewritten.endswith(time_readme.MARKERS[1] + after.partition(time_readme.MARKERS[1])[2])
+    assert rewritten.count("It took") == 1
