@@ -93,12 +93,18 @@ def reference_crt(module: CRT, x: torch.Tensor) -> torch.Tensor:
 
 
 def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
-    """Move LayerNorm and bias parameters off their identity initialisation."""
+    """Move LayerNorm and bias parameters off their identity initialisation, and scale
+    every prototype by its own factor in [0.5, 2], so that the prototypes are not unit
+    vectors (the orthogonal initialisation makes them orthonormal, which would hide any
+    mix-up of ``P`` and ``P̂``)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
             if name.endswith("bias") or "projection.1" in name:
                 p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.3 + 0.1)
+            elif name.endswith("prototypes"):
+                scale = torch.rand(p.shape[0], 1, generator=generator, dtype=p.dtype)
+                p.mul_(0.5 + 1.5 * scale)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
@@ -116,6 +122,7 @@ def test_matches_loop_reference(assignment, residual, fusion, projection_dim, dt
         temperature=0.3,
     ).to(dtype)
     _randomise(module)
+    assert (module.prototypes.norm(dim=1) - 1).abs().max() > 0.2
     x = torch.randn(2, 6, 3, 2, dtype=dtype)
     with torch.no_grad():
         expected = reference_crt(module, x)
@@ -266,6 +273,51 @@ def test_diversity_penalty_value_and_gradient():
     penalty_grad = torch.autograd.grad(module.diversity_penalty(), module.prototypes)[0]
     torch.testing.assert_close(with_penalty - without, 0.5 * penalty_grad)
     assert module.last_diversity_penalty == pytest.approx(expected, rel=1e-5)
+
+
+def _prototype_gradients(module: torch.nn.Module, x: torch.Tensor, weight: float) -> list:
+    """Every head's prototype gradient of ``module(x).sum()`` with ``diversity_weight=weight``."""
+    heads = list(module.heads) if isinstance(module, MultiHeadCRT) else [module]
+    for head in heads:
+        head.diversity_weight = weight
+    module.zero_grad()
+    module(x).sum().backward()
+    return [head.prototypes.grad.clone() for head in heads]
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: CRT(4, 3, 3, projection_dim=0, prototype_init="normal"),
+        lambda: MultiHeadCRT(4, [(3, 3), (2, 2)], eval_output="concat", prototype_init="normal"),
+    ],
+    ids=["CRT", "MultiHeadCRT"],
+)
+def test_diversity_gradient_in_training_mode_only(build):
+    """In eval mode the loss's gradient reaches the prototypes unchanged; in training mode
+    it gains diversity_weight times the penalty's gradient."""
+    torch.manual_seed(7)
+    module = build().double()
+    x = torch.randn(2, 4, 2, 2, dtype=torch.float64)
+    heads = list(module.heads) if isinstance(module, MultiHeadCRT) else [module]
+    penalty_grads = [
+        torch.autograd.grad(head.diversity_penalty(), head.prototypes)[0] for head in heads
+    ]
+    assert all(torch.count_nonzero(g) == g.numel() for g in penalty_grads)
+
+    module.eval()
+    for with_penalty, without in zip(
+        _prototype_gradients(module, x, 0.5), _prototype_gradients(module, x, 0.0), strict=True
+    ):
+        assert torch.equal(with_penalty, without)
+    assert all(head.last_diversity_penalty == 0.0 for head in heads)
+
+    module.train()
+    with_penalty = _prototype_gradients(module, x, 0.5)
+    without = _prototype_gradients(module, x, 0.0)
+    for a, b, penalty_grad in zip(with_penalty, without, penalty_grads, strict=True):
+        # a - b cancels gradients of a few units: float64 rounding of order 1e-15.
+        torch.testing.assert_close(a - b, 0.5 * penalty_grad, rtol=1e-12, atol=1e-12)
 
 
 def test_orthogonal_prototypes_have_zero_penalty():

@@ -202,6 +202,40 @@ def test_own_miner_mines_each_head_separately():
     assert not torch.allclose(loss(x, y), concatenation_mined)
 
 
+class _RecordingMiner(miners.TripletMarginMiner):
+    """A TripletMarginMiner that keeps the arguments of every call."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.calls = []
+
+    def forward(self, embeddings, labels, ref_emb=None, ref_labels=None):
+        self.calls.append((embeddings, labels, ref_emb, ref_labels))
+        return super().forward(embeddings, labels, ref_emb, ref_labels)
+
+
+def test_own_miner_mines_each_head_against_its_ref_slice():
+    x, y = _batch(batch=8)
+    ref, _ = _batch(batch=12, seed=1)
+    ref_y = torch.arange(12) % 3  # not the batch's labels
+    loss = MultiHeadLoss(
+        losses.TripletMarginLoss(), SIZES, miner=_RecordingMiner(margin=0.3, type_of_triplets="all")
+    )
+    value = loss(x, y, ref_emb=ref, ref_labels=ref_y)
+    for i, (z, r) in enumerate(zip(_slices(x), _slices(ref), strict=True)):
+        ((embeddings, labels, ref_emb, ref_labels),) = loss.miners[f"head{i}"].calls
+        assert torch.equal(embeddings, z) and torch.equal(labels, y)
+        assert torch.equal(ref_emb, r) and torch.equal(ref_labels, ref_y)
+    # Loop reference: mine each head's slice against its ref slice, then the stock loss.
+    miner = miners.TripletMarginMiner(margin=0.3, type_of_triplets="all")
+    heads = sum(
+        losses.TripletMarginLoss()(z, y, miner(z, y, r, ref_y), ref_emb=r, ref_labels=ref_y)
+        for z, r in zip(_slices(x), _slices(ref), strict=True)
+    )
+    term = SimilarityConsistencyLoss(SIZES)(x, ref_emb=ref)
+    torch.testing.assert_close(value, heads + term)
+
+
 def test_per_head_miner_list_with_none():
     x, y = _batch()
     miner = miners.MultiSimilarityMiner()

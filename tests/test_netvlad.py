@@ -190,6 +190,55 @@ def test_alpha_initialisation_is_distance_softmax():
     assert not torch.allclose(weight_before, 2.0 * free.centroids.detach(), atol=1e-2)
 
 
+def _reference_distance_softmax(x: torch.Tensor, centroids: torch.Tensor, alpha: float):
+    """``softmax_k(-alpha ||x_n - c_k||^2)`` written out in Python floats, ``(B, N, K)``."""
+    rows = []
+    for sample in x.double().tolist():
+        sample_rows = []
+        for feature in sample:
+            logits = [
+                -alpha * sum((a - c) ** 2 for a, c in zip(feature, centroid, strict=True))
+                for centroid in centroids.double().tolist()
+            ]
+            top = max(logits)
+            exps = [math.exp(v - top) for v in logits]
+            sample_rows.append([e / sum(exps) for e in exps])
+        rows.append(sample_rows)
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_set_centroids_uses_the_module_alpha(dtype):
+    """Without an alpha argument the assignment is re-derived with the module's alpha
+    (2.5 here, not the default 5); an explicit alpha applies to that call only."""
+    module = NetVLAD(6, 4, 5, projection_dim=0, alpha=2.5, normalize_input=False).to(dtype)
+    generator = torch.Generator().manual_seed(5)
+    # Not unit vectors: the bias -alpha ||c_k||^2 matters too.
+    first, second = torch.randn(2, 5, 6, generator=generator, dtype=dtype).unbind(0)
+    x = torch.randn(2, 7, 6, generator=generator, dtype=dtype)
+
+    def check(centroids: torch.Tensor, alpha: float) -> None:
+        # The logits 2 alpha <x, c> - alpha ||c||^2 are rounded to a few eps of their
+        # terms' magnitude; a softmax output moves by at most twice its logits' error.
+        norms = centroids.norm(dim=1)
+        scale = (2 * alpha * x.norm(dim=-1).max() * norms + alpha * norms.pow(2)).max().item()
+        tolerance = 16 * torch.finfo(dtype).eps * scale
+        torch.testing.assert_close(
+            module.soft_assignment(x).double(),
+            _reference_distance_softmax(x, centroids, alpha),
+            rtol=0,
+            atol=tolerance,
+        )
+
+    module.set_centroids(first)
+    check(first, 2.5)
+    module.set_centroids(first, alpha=7.0)
+    check(first, 7.0)
+    module.set_centroids(second)
+    assert module.alpha == 2.5
+    check(second, 2.5)
+
+
 def test_recordable_attributes():
     module = NetVLAD(8, 16, 4, projection_dim=6)
     assert set(module._record_these) == {"num_clusters", "embedding_size", "projection_dim"}
