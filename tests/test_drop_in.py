@@ -13,7 +13,7 @@ from pytorch_metric_learning.utils import logging_presets
 from torchvision import transforms
 
 from pml_crt.datasets import OmniglotCharacters, cache_dataset
-from pml_crt.losses import MultiHeadLoss
+from pml_crt.losses import MultiHeadLoss, SimilarityConsistencyLoss
 from pml_crt.models import MultiHeadCRT
 from pml_crt.trunks import SmallConvNet
 from pml_crt.utils import make_accuracy_calculator
@@ -49,6 +49,12 @@ def test_stock_pml_pipeline_trains_and_logs_crt(splits, tmp_path):
     trunk = SmallConvNet(1, channels=(32, 32, 64), pool_last=False)
     embedder = MultiHeadCRT(trunk.out_channels, heads=[(8, 32), (4, 16)])
     loss = MultiHeadLoss(losses.MultiSimilarityLoss(), embedder.embedding_sizes)
+    last_call = {}
+
+    def keep_embeddings(module, args):  # what the trainer last handed the loss
+        last_call["embeddings"] = args[0].detach().clone()
+
+    loss.register_forward_pre_hook(keep_embeddings)
     models = {"trunk": trunk, "embedder": embedder}
     optimizers = {
         f"{k}_optimizer": torch.optim.Adam(m.parameters(), 1e-3) for k, m in models.items()
@@ -107,4 +113,6 @@ def test_stock_pml_pipeline_trains_and_logs_crt(splits, tmp_path):
     assert 0.01 < float(embedder_log[-1]["head0_temperature_value"]) < 1.0
     loss_log = _read_csv(tmp_path / "logs" / "metric_loss_MultiHeadLoss.csv")
     assert {"head0_loss", "head1_loss", "consistency_loss"} <= set(loss_log[0])
-    assert float(loss_log[-1]["consistency_loss"]) >= 0.0
+    # The logged term is the consistency of the last training batch's embeddings.
+    expected = SimilarityConsistencyLoss(embedder.embedding_sizes)(last_call["embeddings"])
+    assert float(loss_log[-1]["consistency_loss"]) == pytest.approx(expected.item(), rel=1e-5)

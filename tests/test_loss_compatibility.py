@@ -17,7 +17,7 @@ import pytest
 import torch
 from pytorch_metric_learning import losses as pml_losses
 
-from pml_crt.losses import MultiHeadLoss
+from pml_crt.losses import MultiHeadLoss, SimilarityConsistencyLoss
 from pml_crt.models import MultiHeadCRT
 
 NUM_CLASSES = 4
@@ -153,7 +153,11 @@ def test_one_training_step(name):
     assert value.dim() == 0 and torch.isfinite(value), f"{name}: {value}"
     assert math.isfinite(loss.head0_loss) and math.isfinite(loss.head1_loss)
     total = with_consistency(embeddings, **inputs)
-    assert torch.isfinite(total) and with_consistency.consistency_loss > 0
+    assert torch.isfinite(total)
+    # The recorded term is the consistency of these embeddings (against ref_emb if given).
+    consistency = SimilarityConsistencyLoss(model.embedding_sizes)
+    expected = consistency(embeddings, ref_emb=inputs.get("ref_emb"))
+    assert with_consistency.consistency_loss == pytest.approx(expected.item(), rel=1e-6)
 
     optimizer.zero_grad()
     value.backward()
