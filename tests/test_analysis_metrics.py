@@ -182,7 +182,7 @@ def test_spectral_decay_flat_spectrum_is_zero():
     assert spectral_decay(x) == pytest.approx(0.0, abs=1e-12)
     iso = F.normalize(torch.randn(4000, 8, generator=torch.Generator().manual_seed(0)), dim=1)
     rho = spectral_decay(iso)
-    # rho ~ 1e-3 is a difference of terms ~2; 4000-row Gram sums round at ~4000 * 2**-53
+    # rho (~3e-4) is a difference of terms ~2; 4000-row Gram sums round at ~4000 * 2**-53
     # relative, i.e. ~1e-12 on rho's terms: 1e-6 relative to rho leaves a wide margin.
     assert rho == pytest.approx(_reference_spectral_decay(iso), rel=1e-6) and rho < 1e-3
 
