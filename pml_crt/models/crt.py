@@ -2,9 +2,11 @@
 
 The paper learns diversified prototypes, projects the feature map onto each
 prototype and encodes the features by their projection residuals weighted by
-their correlation with each prototype. Where the paper is silent (SPEC 1.2),
-every choice is a keyword option here; the defaults are set by the ablation
-benchmark in ``benchmarks/``.
+their correlation with each prototype. Where the paper is silent, every
+choice is a keyword option here. The defaults (soft assignment over
+prototypes, orthogonal residual, ``"flatten"`` fusion, no diversity penalty)
+come from an ablation on Omniglot validation classes with Multi-Similarity:
+no alternative did better, and ``"sum"`` fusion did worse.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Several CRT heads on one feature map (SPEC 1.3)."""
+"""Several CRT heads, differing in prototypes and width, on one feature map."""
 
 from __future__ import annotations
 
