@@ -34,7 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "num_folds": 4,
     "folds": [0, 1, 2, 3],
     "device": "auto",  # auto | cpu | cuda | cuda:N
-    "threads": None,  # torch.set_num_threads; None keeps torch's default
+    "threads": None,  # CPU threads of torch and faiss; None keeps their defaults
     "dataset": {
         "name": "omniglot",  # omniglot | cub | cars196 | sop
         "root": "../shared/data",

@@ -29,6 +29,7 @@ if os.environ.get("RANK", "0") != "0":
     os.environ.setdefault("TQDM_DISABLE", "1")
 
 import argparse
+import contextlib
 import csv
 import functools
 import io
@@ -44,7 +45,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -1012,17 +1013,45 @@ def run_benchmark(
     values to ``publish/<name>.csv``.
 
     Under ``torchrun`` every rank trains every unit (DDP, :mod:`benchmarks.distributed`)
-    and rank 0 writes the results; the other ranks return ``None``.
+    and rank 0 writes the results; the other ranks return ``None``. The config's
+    ``threads`` holds for the run only (:func:`compute_threads`).
 
     Returns ``{"rows", "summary", "table", "root", "wall_time_s", "units_run", "units_skipped"}``.
     """
-    if config.get("threads"):
-        torch.set_num_threads(int(config["threads"]))
-    launch, device = ddp.start(_device(str(config.get("device", "auto"))))
+    with compute_threads(config.get("threads")):
+        launch, device = ddp.start(_device(str(config.get("device", "auto"))))
+        try:
+            return _run_units(config, out, methods, log, progress, publish, command, launch, device)
+        finally:
+            ddp.stop(launch)
+
+
+@contextlib.contextmanager
+def compute_threads(count: int | None) -> Iterator[None]:
+    """Run the block with ``count`` CPU threads in torch and faiss; ``None``: as they are.
+
+    Results depend on the thread count (it changes how sums are split, so their rounding),
+    hence ``threads`` in a config pins both. The caller's counts are restored afterwards.
+    """
+    if count is None:
+        yield
+        return
+    if count < 1:
+        raise ValueError(f"threads must be a positive integer or null, got {count!r}")
     try:
-        return _run_units(config, out, methods, log, progress, publish, command, launch, device)
+        import faiss
+    except ImportError:
+        faiss = None
+    before = torch.get_num_threads(), faiss.omp_get_max_threads() if faiss else None
+    torch.set_num_threads(count)
+    if faiss is not None:
+        faiss.omp_set_num_threads(count)
+    try:
+        yield
     finally:
-        ddp.stop(launch)
+        torch.set_num_threads(before[0])
+        if faiss is not None:
+            faiss.omp_set_num_threads(before[1])
 
 
 def _run_units(
