@@ -23,6 +23,8 @@ from pml_crt.losses import MultiHeadLoss
 from pml_crt.models import CRT, GlobalPoolEmbedder, MultiHeadCRT, NetVLAD
 from pml_crt.trunks import FeatureMapTrunk, SmallConvNet, available_trunks, feature_map_trunk
 
+from .config import ConfigError, MissingFileError
+
 __all__ = [
     "EMBEDDERS",
     "build_embedder",
@@ -56,7 +58,7 @@ def _lookup(name: str, modules: tuple[Any, ...], what: str) -> Any:
         if hasattr(module, name):
             return getattr(module, name)
     places = ", ".join(m.__name__ for m in modules)
-    raise ValueError(f"unknown {what} {name!r}: not found in {places}")
+    raise ConfigError(f"unknown {what} {name!r}: not found in {places}")
 
 
 def _object(spec: Any, modules: tuple[Any, ...], what: str) -> Any:
@@ -64,12 +66,12 @@ def _object(spec: Any, modules: tuple[Any, ...], what: str) -> Any:
     if isinstance(spec, str):
         spec = {"name": spec}
     if not isinstance(spec, Mapping) or "name" not in spec:
-        raise ValueError(
+        raise ConfigError(
             f"{what} must be a class name or {{name: ..., kwargs: {{...}}}}, got {spec!r}"
         )
     extra = set(spec) - {"name", "kwargs"}
     if extra:
-        raise ValueError(f"{what} {spec['name']!r} has unknown keys {sorted(extra)}")
+        raise ConfigError(f"{what} {spec['name']!r} has unknown keys {sorted(extra)}")
     return _lookup(spec["name"], modules, what)(**dict(spec.get("kwargs") or {}))
 
 
@@ -113,7 +115,7 @@ def install_weights(name: str, weights: str, weights_path: str | Path, hub_dir: 
     """
     source = Path(weights_path).expanduser()
     if not source.is_file():
-        raise FileNotFoundError(f"trunk.weights_path {str(source)!r} is not a file")
+        raise MissingFileError(f"trunk.weights_path {str(source)!r} is not a file")
     enum = torchvision.models.get_model_weights(name).verify(weights)
     target = Path(hub_dir) / "checkpoints" / Path(enum.url).name
     if not target.exists():
@@ -138,20 +140,20 @@ def build_trunk(
     kwargs = dict(config.get("kwargs") or {})
     if name == "small_convnet":
         if config.get("weights") or config.get("frozen_blocks"):
-            raise ValueError("small_convnet has no pretrained weights nor blocks to freeze")
+            raise ConfigError("small_convnet has no pretrained weights nor blocks to freeze")
         return SmallConvNet(in_channels, **kwargs)
     if name not in available_trunks():
-        raise ValueError(
+        raise ConfigError(
             f"trunk.name must be small_convnet or one of {available_trunks()}, got {name!r}"
         )
     if in_channels != 3:
-        raise ValueError(
+        raise ConfigError(
             f"torchvision trunks need 3-channel images; this dataset has {in_channels}"
         )
     weights = config.get("weights")
     if config.get("weights_path"):
         if weights is None:
-            raise ValueError("trunk.weights_path needs trunk.weights (e.g. IMAGENET1K_V1)")
+            raise ConfigError("trunk.weights_path needs trunk.weights (e.g. IMAGENET1K_V1)")
         if hub_dir is None:
             raise ValueError("trunk.weights_path needs a hub_dir")
         install_weights(name, weights, config["weights_path"], hub_dir)
@@ -182,7 +184,7 @@ def build_embedder(config: Mapping[str, Any], in_channels: int) -> torch.nn.Modu
     if kind == FROZEN:
         return GlobalPoolEmbedder(in_channels, None, pooling=kwargs.pop("pooling", "avg"), **kwargs)
     if kind not in EMBEDDERS:
-        raise ValueError(f"embedder.type must be one of {[*EMBEDDERS, FROZEN]}, got {kind!r}")
+        raise ConfigError(f"embedder.type must be one of {[*EMBEDDERS, FROZEN]}, got {kind!r}")
     return EMBEDDERS[kind](in_channels, **kwargs)
 
 

@@ -19,6 +19,9 @@ import yaml
 
 __all__ = [
     "DEFAULTS",
+    "ConfigError",
+    "MissingFileError",
+    "UserError",
     "apply_override",
     "deep_merge",
     "load_config",
@@ -114,7 +117,46 @@ DEFAULTS: dict[str, Any] = {
     "methods": None,  # {method name: partial config merged onto the rest}
 }
 
+# The type of each key whose default is None (which it may stay); every other key takes
+# its default's type, and a list default also gives its items' type.
+_TYPES_OF_NONE_DEFAULTS: dict[tuple[str, ...], type] = {
+    ("name",): str,
+    ("threads",): int,
+    ("dataset", "max_classes"): int,
+    ("images", "crop"): int,
+    ("trunk", "weights"): str,
+    ("trunk", "weights_path"): str,
+    ("trunk", "hub_dir"): str,
+    ("loss", "consistency"): dict,
+    ("loss", "head_weights"): list,
+    ("miner",): dict,
+    ("methods",): dict,
+}
+# Keys with another default that also take null.
+_NULLABLE = {
+    ("images", "resize"),  # null: keep the size
+    ("training", "patience"),  # null: no early stopping
+}
+# Sections with free-form contents: not checked below their top level.
+_FREE_FORM = {"kwargs", "optimizers", "consistency", "miner", "methods"}
+
 _NAMED_KEYS = ("type", "name")
+
+
+class UserError(Exception):
+    """A mistake the user fixes in the command line, the config or the files it names.
+
+    ``python -m benchmarks.run`` prints its message on one line and exits with status 2;
+    every other exception is a bug and keeps its traceback.
+    """
+
+
+class ConfigError(UserError, ValueError):
+    """An unreadable config file, a bad ``--set``, an unknown key or a bad value."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the config or command line names does not exist."""
 
 
 class _Loader(yaml.SafeLoader):
@@ -178,11 +220,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     ``1e-4``); anything YAML cannot parse stays a string.
     """
     if "=" not in text:
-        raise ValueError(f"an override must look like key.sub=value, got {text!r}")
+        raise ConfigError(f"an override must look like key.sub=value, got {text!r}")
     key, raw = text.split("=", 1)
     keys = key.strip().split(".")
     if not all(re.fullmatch(r"[A-Za-z0-9_\-]+", k) for k in keys):
-        raise ValueError(f"bad override key {key!r} in {text!r}")
+        raise ConfigError(f"bad override key {key!r} in {text!r}")
     try:
         value = yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError:
@@ -204,7 +246,7 @@ def apply_override(config: dict[str, Any], keys: list[str], value: Any) -> None:
             node[key] = {}
         elif not isinstance(node[key], (dict, list)):
             path = ".".join(keys[: depth + 1])
-            raise ValueError(f"cannot set {'.'.join(keys)}: {path} is {node[key]!r}, not a dict")
+            raise ConfigError(f"cannot set {'.'.join(keys)}: {path} is {node[key]!r}, not a dict")
         node = node[key]
     if isinstance(node, list):
         node[int(keys[-1])] = value
@@ -212,19 +254,54 @@ def apply_override(config: dict[str, Any], keys: list[str], value: Any) -> None:
         node[keys[-1]] = value
 
 
-def _check_keys(config: Mapping[str, Any], reference: Mapping[str, Any], where: str) -> None:
+def _check_schema(
+    config: Mapping[str, Any],
+    reference: Mapping[str, Any] = DEFAULTS,
+    path: tuple[str, ...] = (),
+    where: str = "",
+) -> None:
+    """Raise ``ConfigError`` for a key ``reference`` lacks or a value of the wrong type.
+
+    ``config`` is (part of) a user config, checked against the ``reference`` section of
+    ``DEFAULTS`` at ``path``; messages name the key as ``where`` + key.
+    """
     for key, value in config.items():
         if key not in reference:
             close = difflib.get_close_matches(str(key), [str(k) for k in reference], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown config key {where}{key!r}{hint}")
-        ref = reference[key]
-        # Sections with free-form contents are not checked below their top level.
-        if isinstance(ref, dict) and isinstance(value, Mapping) and key not in _FREE_FORM:
-            _check_keys(value, ref, f"{where}{key}.")
+            raise ConfigError(f"unknown config key {where}{key!r}{hint}")
+        default, keys = reference[key], (*path, key)
+        _check_type(f"{where}{key}", value, default, keys)
+        if isinstance(default, dict) and isinstance(value, Mapping) and key not in _FREE_FORM:
+            _check_schema(value, default, keys, f"{where}{key}.")
 
 
-_FREE_FORM = {"kwargs", "optimizers", "consistency", "miner", "methods"}
+def _check_type(name: str, value: Any, default: Any, keys: tuple[str, ...]) -> None:
+    """Raise ``ConfigError`` unless ``value`` has the type of the key ``keys`` (or is null)."""
+    nullable = default is None or keys in _NULLABLE
+    if value is None and nullable:
+        return
+    expected = _TYPES_OF_NONE_DEFAULTS[keys] if default is None else type(default)
+    item = type(default[0]) if expected is list and default else None
+    if _is_a(value, expected) and (item is None or all(_is_a(v, item) for v in value)):
+        return
+    wanted = _type_name(expected) if item is None else f"a list of {_type_name(item)}"
+    wanted += " or null" if nullable else ""
+    like = "" if default is None or expected is dict else f" like the default {default!r}"
+    raise ConfigError(f"{name}: expected {wanted}{like}, got {value!r} ({_type_name(type(value))})")
+
+
+def _type_name(kind: type) -> str:
+    return "a mapping" if issubclass(kind, Mapping) else kind.__name__
+
+
+def _is_a(value: Any, expected: type) -> bool:
+    """``isinstance``, where an int is also a float and a bool is neither an int nor a float."""
+    if isinstance(value, bool) and expected in (int, float):
+        return False
+    if expected is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, Mapping if expected is dict else expected)
 
 
 def load_config(
@@ -237,35 +314,44 @@ def load_config(
     Missing keys take their defaults (also where a section switches its
     ``name``, e.g. ``dataset.name: cub`` keeps the default ``dataset.root``).
 
-    Unknown keys raise ``ValueError`` (with a "did you mean" hint), also inside
-    each method's partial config.
+    A missing config file raises ``MissingFileError``; an unreadable one, a bad
+    override, an unknown key (with a "did you mean" hint) or a value whose type
+    differs from its default's raise ``ConfigError`` naming the key, also inside
+    each method's partial config. Both are :class:`UserError`.
     """
     config = copy.deepcopy(DEFAULTS)
     user: dict[str, Any] = {}
     if path is not None:
-        user = yaml_load(Path(path).read_text()) or {}
+        if not Path(path).is_file():
+            raise MissingFileError(f"config file {str(path)!r} not found")
+        try:
+            user = yaml_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {error}") from error
         if not isinstance(user, dict):
-            raise ValueError(f"{path} must hold a YAML mapping, got {type(user).__name__}")
+            raise ConfigError(f"{path} must hold a YAML mapping, got {type(user).__name__}")
     if data is not None:
         user = deep_merge(user, data, replace_on_kind_change=False)
     for text in overrides:
         keys, value = parse_override(text)
         apply_override(user, keys, value)
-    _check_keys(user, DEFAULTS, "")
+    _check_schema(user)
     config = deep_merge(config, user, replace_on_kind_change=False)
     if config["name"] is None:
         config["name"] = Path(path).stem if path is not None else "benchmark"
     methods = config.get("methods")
     if methods is not None:
         if not isinstance(methods, Mapping) or not methods:
-            raise ValueError("methods must be a non-empty mapping {name: partial config}")
+            raise ConfigError("methods must be a non-empty mapping {name: partial config}")
         for name, partial in methods.items():
             if not re.fullmatch(r"[A-Za-z0-9_.\-]+", str(name)):
-                raise ValueError(f"method name {name!r} must be usable as a folder name")
-            _check_keys(partial or {}, DEFAULTS, f"methods.{name}.")
+                raise ConfigError(f"method name {name!r} must be usable as a folder name")
+            if not isinstance(partial or {}, Mapping):
+                raise ConfigError(f"methods.{name} must be a mapping, got {partial!r}")
+            _check_schema(partial or {}, where=f"methods.{name}.")
             for forbidden in ("methods", "seeds", "folds", "num_folds", "name", "dataset"):
                 if forbidden in (partial or {}):
-                    raise ValueError(
+                    raise ConfigError(
                         f"methods.{name} sets {forbidden!r}: every method shares the protocol"
                     )
     return config

@@ -27,6 +27,7 @@ from torchvision import transforms as T
 from pml_crt.datasets import OmniglotCharacters, ToRGB, cub
 
 from .cache import LabelSubset
+from .config import ConfigError, MissingFileError
 
 __all__ = [
     "DATASETS",
@@ -96,7 +97,7 @@ def _relabel(paths, ids, max_classes):
 
 def _require(path: Path, what: str, name: str, root: Path) -> None:
     if not path.exists():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{what} not found: {path} does not exist. Point dataset.root at the folder "
             f"holding it (now {str(root)!r}), or set dataset.download=true to let PML's "
             f"{name} class download it (needs a network connection)."
@@ -116,7 +117,12 @@ def load_source(config: Mapping[str, Any]) -> Source:
     max_classes = config.get("max_classes")
     subset = None if max_classes is None else slice(0, int(max_classes))
     if name == "omniglot":
-        dataset = OmniglotCharacters(root, class_subset=subset)
+        try:
+            dataset = OmniglotCharacters(root, class_subset=subset)
+        except FileNotFoundError as error:
+            raise MissingFileError(
+                f"Omniglot not found under dataset.root {str(root)!r}: {error}"
+            ) from error
         return Source(name, dataset, list(dataset.labels), list(dataset.classes), 1)
     if name == "cub":
         if not download:
@@ -139,7 +145,7 @@ def load_source(config: Mapping[str, Any]) -> Source:
             )
         raw = pml_datasets.StanfordOnlineProducts(str(root), split="train+test", download=download)
     else:
-        raise ValueError(f"dataset.name must be one of {DATASETS}, got {name!r}")
+        raise ConfigError(f"dataset.name must be one of {DATASETS}, got {name!r}")
     paths, labels, class_ids = _relabel(raw.paths, raw.labels, max_classes)
     return Source(name, _Relabelled(paths, labels), labels, class_ids, 3)
 
@@ -169,7 +175,7 @@ class ToFloat:
 
     def __init__(self, normalize: str = "imagenet") -> None:
         if normalize not in ("imagenet", "invert", "none"):
-            raise ValueError(
+            raise ConfigError(
                 f"images.normalize must be imagenet, invert or none, got {normalize!r}"
             )
         self.normalize = normalize
@@ -197,13 +203,13 @@ def pil_transform(images: Mapping[str, Any], train: bool) -> T.Compose:
     """
     augmentation = images.get("augmentation", "none")
     if augmentation not in ("none", "mlrc"):
-        raise ValueError(f"images.augmentation must be none or mlrc, got {augmentation!r}")
+        raise ConfigError(f"images.augmentation must be none or mlrc, got {augmentation!r}")
     ops: list[Callable[[Any], Any]] = []
     if images.get("resize"):
         ops.append(T.Resize(int(images["resize"])))
     if train and augmentation == "mlrc":
         if not images.get("crop"):
-            raise ValueError("images.augmentation=mlrc needs images.crop (the crop size)")
+            raise ConfigError("images.augmentation=mlrc needs images.crop (the crop size)")
         ops.append(T.RandomResizedCrop(int(images["crop"]), scale=tuple(images["rrc_scale"])))
         if images.get("hflip", True):
             ops.append(T.RandomHorizontalFlip())

@@ -47,7 +47,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -71,7 +71,7 @@ from .build import (
     trunk_is_cacheable,
 )
 from .cache import CachedDataset, TrunkTail, cache_dataset, cache_module_outputs, frozen_prefix
-from .config import load_config, method_config, method_names
+from .config import ConfigError, UserError, load_config, method_config, method_names
 from .data import Source, ToFloat, TransformedDataset, class_subset, load_source, pil_transform
 from .metrics import BenchmarkAccuracyCalculator
 from .perf.common import cpu_model
@@ -376,12 +376,12 @@ def _check_batch(
 ) -> None:
     batch, m = int(config["training"]["batch_size"]), int(config["training"]["m"])
     if batch % m or m * classes < batch:
-        raise ValueError(
+        raise ConfigError(
             f"training.batch_size={batch} must be a multiple of training.m={m} and at most "
             f"m * (number of {split_name} classes = {classes}) = {m * classes}"
         )
     if batch % world_size:
-        raise ValueError(
+        raise ConfigError(
             f"training.batch_size={batch} (the global batch) must be a multiple of the number "
             f"of processes, {world_size}"
         )
@@ -823,7 +823,7 @@ def report_split(config: Mapping[str, Any]) -> str:
     """``"test"`` or ``"val"``: which classes the results and tables report."""
     split = config["eval"].get("split", "test")
     if split not in ("test", "val"):
-        raise ValueError(f"eval.split must be 'test' or 'val', got {split!r}")
+        raise ConfigError(f"eval.split must be 'test' or 'val', got {split!r}")
     return split
 
 
@@ -991,7 +991,7 @@ def check_previous(folder: Path, config: Mapping[str, Any], seed: int, fold: int
     stored = yaml.safe_load(stored_path.read_text())
     current = json.loads(json.dumps({**config, "seed": seed, "fold": fold}))
     if _semantic(stored) != _semantic(current):
-        raise RuntimeError(
+        raise UserError(
             f"{folder} was run with a different config (see its config.yaml). Use another "
             "--out or config name, or delete that folder to re-run it."
         )
@@ -1037,7 +1037,7 @@ def compute_threads(count: int | None) -> Iterator[None]:
         yield
         return
     if count < 1:
-        raise ValueError(f"threads must be a positive integer or null, got {count!r}")
+        raise ConfigError(f"threads must be a positive integer or null, got {count!r}")
     try:
         import faiss
     except ImportError:
@@ -1073,15 +1073,16 @@ def _run_units(
     if methods:
         unknown = [m for m in methods if m not in names]
         if unknown:
-            raise ValueError(f"unknown methods {unknown}; the config has {names}")
+            raise UserError(f"--methods: unknown methods {unknown}; the config has {names}")
         names = [m for m in names if m in methods]
     folds = [int(f) for f in config["folds"]]
     if not folds or any(not 0 <= f < int(config["num_folds"]) for f in folds):
-        raise ValueError(f"folds must be a non-empty list of ints in [0, {config['num_folds']})")
+        raise ConfigError(f"folds must be a non-empty list of ints in [0, {config['num_folds']})")
     if launch.is_main:
         root.mkdir(parents=True, exist_ok=True)
     hub_dir = Path(config["trunk"].get("hub_dir") or Path(out) / ".torch_hub")
     data = DataPipeline(config["dataset"], log=log, progress=progress)
+    source = data.source  # a missing dataset fails here, before any unit
 
     units = [
         (seed, name, fold)
@@ -1129,7 +1130,6 @@ def _run_units(
     summary = summarize(rows, metrics)
     table = results_table(rows, config["seeds"])
     wall = time.time() - start
-    source = data.source  # loaded here too when every unit was done before
     header = f"## {config['name']}\n\n{config['dataset']['name']}"
     header += f": {source.num_classes} classes ({len(source.labels)} images), "
     header += f"MLRC split, folds {folds} of {config['num_folds']}"
@@ -1144,7 +1144,7 @@ def _run_units(
     write_atomic(root / "results.csv", _csv(rows, metrics))
     write_atomic(root / "summary.json", json.dumps(summary, indent=2))
     if publish is not None:
-        command = command or "python -m benchmarks.run " + shlex.join(sys.argv[1:])
+        command = command or cli_command(sys.argv[1:])
         publish_results(
             Path(publish), config["name"], header + table, rows, metrics, device, command, root
         )
@@ -1266,23 +1266,45 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def cli_command(args: Sequence[str]) -> str:
+    """The command line that runs this module with ``args``."""
+    return "python -m benchmarks.run " + shlex.join(args)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+    """The command line (``argv``, default ``sys.argv[1:]``): load the config and run it.
+
+    A :class:`~benchmarks.config.UserError` (bad ``--config``, ``--set``, key, value or
+    method name, missing data) prints ``benchmarks.run: error: <message>`` as one line
+    to stderr and exits with status 2, as argparse does. Any other exception is a bug
+    and propagates.
+    """
     args = parse_args(argv)
+    command = cli_command(sys.argv[1:] if argv is None else list(argv))
     logging.basicConfig(format="%(name)s %(levelname)s: %(message)s")
     logging.getLogger("PML").setLevel(logging.INFO if args.verbose else logging.WARNING)
     # PML's trainer formats a loss that requires grad into its progress bar.
     warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True")
-    config = load_config(args.config, args.overrides)
-    return run_benchmark(
-        config,
-        args.out,
-        methods=args.methods,
-        log=lambda s: print(s, flush=True),
-        progress=not args.no_progress,
-        publish=args.publish,
-        command="python -m benchmarks.run "
-        + shlex.join(sys.argv[1:] if argv is None else list(argv)),
-    )
+    try:
+        config = load_config(args.config, args.overrides)
+        return run_benchmark(
+            config,
+            args.out,
+            methods=args.methods,
+            log=lambda s: print(s, flush=True),
+            progress=not args.no_progress,
+            publish=args.publish,
+            command=command,
+        )
+    except UserError as error:
+        _exit(2, "error: " + " ".join(str(error).splitlines()))
+
+
+def _exit(status: int, message: str) -> NoReturn:
+    """Print ``benchmarks.run: <message>`` to stderr (rank 0 only) and exit with ``status``."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"benchmarks.run: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(status)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import yaml
 from PIL import Image
 from pytorch_metric_learning import losses
 
+from benchmarks import config as config_module
 from benchmarks import run as bench
 from benchmarks.build import build_embedder, build_loss, build_optimizers, install_weights
 from benchmarks.cache import (
@@ -30,6 +31,8 @@ from benchmarks.cache import (
     frozen_prefix,
 )
 from benchmarks.config import (
+    DEFAULTS,
+    ConfigError,
     apply_override,
     deep_merge,
     load_config,
@@ -193,6 +196,37 @@ def test_load_config_methods_and_checks():
         load_config(CONFIGS / "omniglot_quick.yaml", ["methods.frozen.seeds=[1]"])
     with pytest.raises(KeyError):
         method_config(config, "nope")
+
+
+def _none_defaults(section: dict, path: tuple[str, ...] = ()):
+    for key, value in section.items():
+        if value is None:
+            yield (*path, key)
+        elif isinstance(value, dict) and key not in config_module._FREE_FORM:
+            yield from _none_defaults(value, (*path, key))
+
+
+def test_values_are_checked_against_the_defaults_types():
+    quick = CONFIGS / "omniglot_quick.yaml"
+    bad = {
+        "training.num_epochs=two": "training.num_epochs: expected int like the default 10, "
+        "got 'two' (str)",
+        "training.num_epochs=2.5": "expected int",
+        "cache.images=1": "cache.images: expected bool",
+        "seeds=[0, one]": "seeds: expected a list of int",
+        "threads=x": "threads: expected int or null, got 'x'",
+        "dataset=omniglot": "dataset: expected a mapping, got 'omniglot'",
+        "methods.frozen.training.m=two": "methods.frozen.training.m: expected int",
+    }
+    for override, message in bad.items():
+        with pytest.raises(ConfigError) as error:
+            load_config(quick, [override])
+        assert message in str(error.value), override
+    good = ["training.patience=null", "images.resize=null", "loss.consistency_weight=1"]
+    config = load_config(quick, [*good, "dataset.max_classes=4", "images.rrc_scale=[0, 1]"])
+    assert config["training"]["patience"] is None and config["dataset"]["max_classes"] == 4
+    # every key whose default is None has a type
+    assert set(_none_defaults(DEFAULTS)) == set(config_module._TYPES_OF_NONE_DEFAULTS)
 
 
 def test_deep_merge_rules():
@@ -526,8 +560,10 @@ def test_omniglot_quick_tiny_end_to_end_and_resume(tmp_path, capsys):
     )
 
     # A finished unit run under a different config is never silently reused.
-    with pytest.raises(RuntimeError, match="different config"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
         bench.main(argv + ["--set", "training.batch_size=8"])
+    assert stopped.value.code == 2 and "different config" in capsys.readouterr().err
     # ... but keys that do not change results may differ.
     assert bench.main(argv + ["--set", "eval.batch_size=32"])["units_skipped"] == 3
 
@@ -742,6 +778,74 @@ def test_threads_are_pinned_for_the_run_and_restored(monkeypatch):
         bench.run_benchmark(config, "unused")
     assert seen == [(threads, threads if faiss else None)]
     assert counts() == before
+
+
+def test_internal_errors_keep_their_traceback(monkeypatch):
+    def bug(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(bench, "_run_units", bug)
+    argv = ["--config", str(CONFIGS / "omniglot_quick.yaml"), "--set", "device=cpu"]
+    with pytest.raises(RuntimeError, match="a bug"):
+        bench.main(argv)
+
+
+def _user_errors(tmp_path: Path) -> dict[str, tuple[list[str], list[str]]]:
+    """Command lines with a user error, and what the error line must name."""
+    quick = ["--config", str(CONFIGS / "omniglot_quick.yaml"), "--out", str(tmp_path)]
+    return {
+        "missing config file": (
+            ["--config", str(tmp_path / "absent.yaml"), "--out", str(tmp_path)],
+            ["config file", "absent.yaml"],
+        ),
+        "unknown key": (quick + ["--set", "trainng.m=4"], ["unknown config key 'trainng'"]),
+        "bad value": (
+            quick + ["--set", "training.num_epochs=two"],
+            ["training.num_epochs", "'two'", "int"],
+        ),
+        "missing data": (
+            quick + ["--set", f"dataset.root={tmp_path / 'absent'}"],
+            ["dataset.root", str(tmp_path / "absent")],
+        ),
+        "unknown method": (quick + ["--methods", "nope"], ["--methods", "'nope'"]),
+    }
+
+
+def _assert_one_error_line(case: str, stderr: str, names: list[str]) -> None:
+    assert "Traceback" not in stderr and len(stderr.splitlines()) == 1, (case, stderr)
+    assert stderr.startswith("benchmarks.run: error: "), (case, stderr)
+    assert all(name in stderr for name in names), (case, stderr)
+
+
+def test_user_errors_are_one_line(tmp_path, capsys):
+    for case, (argv, names) in _user_errors(tmp_path).items():
+        with pytest.raises(SystemExit) as stopped:
+            bench.main(argv)
+        out, err = capsys.readouterr()
+        assert stopped.value.code == 2, case
+        _assert_one_error_line(case, err, names)
+        assert "[1/" not in out, (case, out)  # found before any unit started
+
+
+def test_user_errors_exit_2_without_traceback_from_the_command_line(tmp_path):
+    # One found while loading the config, one while running it; started at once, as each
+    # spends its few seconds importing torch.
+    cases = {k: v for k, v in _user_errors(tmp_path).items() if k in ("bad value", "missing data")}
+    processes = {
+        case: subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.run", *argv],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for case, (argv, _) in cases.items()
+    }
+    for case, process in processes.items():
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 2, (case, stderr[-2000:])
+        _assert_one_error_line(case, stderr, cases[case][1])
+        assert "[1/" not in stdout, (case, stdout)
 
 
 def test_cli_help():
