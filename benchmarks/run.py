@@ -40,9 +40,11 @@ import platform
 import random
 import shlex
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -629,6 +631,8 @@ def run_unit(
         record_keeper, _, tensorboard = logging_presets.get_record_keeper(
             str(folder / "logs"), str(folder / "tensorboard")
         )
+        # Ctrl-C waits for a save (CSV files, then logs.db) to finish: they stay consistent.
+        record_keeper.save_records = sigint_held()(record_keeper.save_records)
     else:  # the other ranks write nothing; their container only names what is checkpointed
         record_keeper, tensorboard = None, None
     hooks = logging_presets.HookContainer(
@@ -1027,6 +1031,27 @@ def run_benchmark(
 
 
 @contextlib.contextmanager
+def sigint_held() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block has finished, then deliver it.
+
+    For writes that must finish whole. Outside the main thread, or under a SIGINT
+    handler not set from Python, the block runs as it is.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        yield
+        return
+    held: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        signal.raise_signal(signal.SIGINT)
+
+
+@contextlib.contextmanager
 def compute_threads(count: int | None) -> Iterator[None]:
     """Run the block with ``count`` CPU threads in torch and faiss; ``None``: as they are.
 
@@ -1276,8 +1301,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
 
     A :class:`~benchmarks.config.UserError` (bad ``--config``, ``--set``, key, value or
     method name, missing data) prints ``benchmarks.run: error: <message>`` as one line
-    to stderr and exits with status 2, as argparse does. Any other exception is a bug
-    and propagates.
+    to stderr and exits with status 2, as argparse does; Ctrl-C prints how to resume
+    the run and exits with 130. Any other exception is a bug and propagates.
     """
     args = parse_args(argv)
     command = cli_command(sys.argv[1:] if argv is None else list(argv))
@@ -1298,6 +1323,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         )
     except UserError as error:
         _exit(2, "error: " + " ".join(str(error).splitlines()))
+    except KeyboardInterrupt:
+        again = (
+            f"the same torchrun command again to resume (its processes ran: {command})"
+            if ddp.launched_by_torchrun()
+            else f"the same command again to resume:\n  {command}"
+        )
+        _exit(130, f"interrupted. Finished units and completed epochs are kept; run {again}")
 
 
 def _exit(status: int, message: str) -> NoReturn:

@@ -27,7 +27,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +41,7 @@ from tests.test_benchmark_resume import (
     _assert_same,
     _marker_epoch,
     _snapshot,
+    _wait_for_marker,
     needs_omniglot,
 )
 from tests.test_benchmark_runner import assert_rows_close, float32_tolerance, ranking_tolerance
@@ -177,11 +177,7 @@ def test_killed_two_process_run_resumes_exactly(tmp_path):
         start_new_session=True,  # its own process group: torchrun and both workers
     )
     try:
-        deadline = time.time() + 180
-        while _marker_epoch(unit) < 1:
-            assert process.poll() is None, process.stderr.read().decode()[-2000:]
-            assert time.time() < deadline, "no resume marker after 180 s"
-            time.sleep(0.02)
+        _wait_for_marker(process, unit, 180)
         os.killpg(process.pid, signal.SIGKILL)
     finally:
         if process.poll() is None:

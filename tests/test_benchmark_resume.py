@@ -8,7 +8,9 @@ CSV file and every SQLite table (row ids included) must equal the
 uninterrupted run's exactly (CPU and the same thread count in every process,
 so bitwise). A second test crashes the
 unit at the worst moment, after epoch 2's log rows and checkpoint files are
-written but before its marker, and checks the same.
+written but before its marker, and checks the same. A third interrupts a real
+run with Ctrl-C (SIGINT): it exits with 130 and the command that resumes it,
+its logs consistent, and that command completes it.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ OVERRIDES = [
     "eval.batch_size=64",
 ]
 UNIT = Path("omniglot_quick") / "global_pool" / "seed0" / "fold0"
+VAL_TABLE = "accuracies_normalized_GlobalEmbeddingSpaceTester_level_0_VAL_vs_self"
 
 
 def _argv(out: Path) -> list[str]:
@@ -125,21 +128,36 @@ def _marker_epoch(unit: Path) -> int:
         return 0
 
 
+def _wait_for_marker(process: subprocess.Popen, unit: Path, seconds: float) -> None:
+    """Wait until the running ``process`` has written the unit's first resume marker."""
+    deadline = time.time() + seconds
+    while _marker_epoch(unit) < 1:
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, f"no resume marker after {seconds} s"
+        time.sleep(0.02)
+
+
+def _start(argv: list[str]) -> subprocess.Popen:
+    """``python -m benchmarks.run argv`` in the background, stderr piped."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.run", *argv],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        # A shell that starts the tests in the background ignores SIGINT, and so would the
+        # child (Python keeps an inherited "ignore"): give it the default disposition.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
 @needs_omniglot
 def test_killed_run_resumes_exactly(reference, tmp_path):
     out = tmp_path / "runs"
     unit = out / UNIT
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "benchmarks.run", *_argv(out)]
-    process = subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    process = _start(_argv(out))
     try:
-        deadline = time.time() + 120
-        while _marker_epoch(unit) < 1:
-            assert process.poll() is None, process.stderr.read().decode()[-2000:]
-            assert time.time() < deadline, "no resume marker after 120 s"
-            time.sleep(0.02)
+        _wait_for_marker(process, unit, 120)
         process.send_signal(signal.SIGKILL)
     finally:
         process.kill()
@@ -185,3 +203,55 @@ def test_crash_before_marker_drops_newer_rows(reference, tmp_path, monkeypatch):
 
     assert bench.main(_argv(out))["units_run"] == 1
     _assert_same(_snapshot(unit), reference)
+
+
+def _table_rows(db: Path) -> dict[str, int]:
+    with sqlite3.connect(db) as conn:
+        names = conn.execute(
+            "SELECT name FROM sqlite_master WHERE type='table' AND name != 'sqlite_sequence'"
+        ).fetchall()
+        rows = {
+            name: conn.execute(f'SELECT count(*) FROM "{name}"').fetchone()[0] for (name,) in names
+        }
+    conn.close()
+    return rows
+
+
+@needs_omniglot
+def test_ctrl_c_says_how_to_resume_and_the_same_command_does(tmp_path):
+    out = tmp_path / "runs"
+    unit = out / UNIT
+    epochs = 8  # 7 epochs (a few seconds) left to interrupt after the first marker
+    argv = [*_argv(out), "--set", f"training.num_epochs={epochs}"]
+    process = _start(argv)
+    try:
+        _wait_for_marker(process, unit, 120)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+        process.wait()
+    stderr = stderr.decode()
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert "interrupted" in stderr and bench.cli_command(argv) in stderr
+    assert not (unit / bench.RESULTS).exists()
+    stopped_at = _marker_epoch(unit)
+    assert 1 <= stopped_at < epochs
+    # Every record-keeper CSV file holds as many rows as its logs.db table: whole saves only.
+    logs = unit / "logs"
+    tables = _table_rows(logs / "logs.db")
+    csvs = {p.stem: len(p.read_text().splitlines()) - 1 for p in logs.glob("*.csv")}
+    assert csvs and csvs == {name: tables[name] for name in csvs}
+    assert csvs["loss_histories"] >= 20 * stopped_at  # nothing saved before is lost
+
+    resumed = bench.main(argv)  # the command it printed
+    assert resumed["units_run"] == 1 and (unit / bench.RESULTS).exists()
+    env = json.loads((unit / "env.json").read_text())
+    assert [r["epoch"] for r in env["resumes"]] == [stopped_at]
+    with sqlite3.connect(unit / "logs" / "logs.db") as conn:
+        losses = conn.execute("SELECT * FROM loss_histories ORDER BY id").fetchall()
+        validated = conn.execute(f'SELECT epoch FROM "{VAL_TABLE}" ORDER BY id').fetchall()
+    conn.close()
+    assert [row[1] for row in losses] == list(range(20 * epochs))  # each iteration once
+    assert [epoch for (epoch,) in validated] == list(range(1, epochs + 1))
