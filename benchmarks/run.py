@@ -19,14 +19,7 @@ models' L2-normalised embeddings concatenated) and a markdown table (mean ±
 95% CI over seeds) is printed and written to ``table.md`` and ``results.csv``.
 """
 
-# ruff: noqa: E402
 from __future__ import annotations
-
-import os
-
-# Under torchrun only rank 0 draws progress bars (tqdm reads this when it is imported).
-if os.environ.get("RANK", "0") != "0":
-    os.environ.setdefault("TQDM_DISABLE", "1")
 
 import argparse
 import contextlib
@@ -36,6 +29,7 @@ import io
 import json
 import logging
 import math
+import os
 import platform
 import random
 import shlex
@@ -53,6 +47,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 import torch
+import tqdm
 import yaml
 from pytorch_metric_learning import samplers, testers, trainers
 from pytorch_metric_learning.utils import common_functions as c_f
@@ -1018,16 +1013,48 @@ def run_benchmark(
 
     Under ``torchrun`` every rank trains every unit (DDP, :mod:`benchmarks.distributed`)
     and rank 0 writes the results; the other ranks return ``None``. The config's
-    ``threads`` holds for the run only (:func:`compute_threads`).
+    ``threads`` holds for the run only (:func:`compute_threads`). Without ``progress`` no
+    progress bar is drawn, PML's included (:func:`progress_bars`); under ``torchrun``
+    only rank 0 draws them.
 
     Returns ``{"rows", "summary", "table", "root", "wall_time_s", "units_run", "units_skipped"}``.
     """
     with compute_threads(config.get("threads")):
         launch, device = ddp.start(_device(str(config.get("device", "auto"))))
         try:
-            return _run_units(config, out, methods, log, progress, publish, command, launch, device)
+            with progress_bars(progress and launch.is_main):
+                return _run_units(
+                    config, out, methods, log, progress, publish, command, launch, device
+                )
         finally:
             ddp.stop(launch)
+
+
+class _HiddenBar(tqdm.tqdm):
+    """A tqdm bar that draws nothing, whatever its caller asks."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{**kwargs, "disable": True})
+
+
+@contextlib.contextmanager
+def progress_bars(shown: bool) -> Iterator[None]:
+    """Run the block with (``shown``) or without every tqdm progress bar.
+
+    PML's trainers and testers create their bars inside ``train`` and
+    ``compute_all_embeddings`` with no option to hide them (and tqdm reads
+    ``TQDM_DISABLE`` only when it is imported), so without bars ``tqdm.tqdm``,
+    which they call, is a bar that draws nothing until the block ends.
+    """
+    if shown:
+        yield
+        return
+    original = tqdm.tqdm
+    tqdm.tqdm = _HiddenBar
+    try:
+        yield
+    finally:
+        tqdm.tqdm = original
 
 
 @contextlib.contextmanager
@@ -1287,7 +1314,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "(the committed reports live in benchmarks/results)",
     )
     parser.add_argument("--verbose", action="store_true", help="show PML's INFO logs")
-    parser.add_argument("--no-progress", action="store_true", help="hide the caching progress bars")
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="hide every progress bar (the caches' and PML's training and testing bars)",
+    )
     return parser.parse_args(argv)
 
 

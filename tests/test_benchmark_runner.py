@@ -848,6 +848,27 @@ def test_user_errors_exit_2_without_traceback_from_the_command_line(tmp_path):
         assert "[1/" not in stdout, (case, stdout)
 
 
+@needs_omniglot
+def test_no_progress_hides_every_bar(tmp_path):
+    argv = ["--config", str(CONFIGS / "omniglot_quick.yaml"), "--out", str(tmp_path)]
+    argv += ["--no-progress", "--methods", "global_pool"]
+    for override in [*TINY_OMNIGLOT, "training.num_epochs=1", "threads=1"]:
+        argv += ["--set", override]
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "| global_pool |" in completed.stdout  # it trained, validated and tested
+    # tqdm redraws a bar with "\r" and reports "it/s" or "s/it"
+    assert not any(mark in completed.stderr for mark in ("\r", "it/s", "s/it", "%|")), (
+        completed.stderr[-2000:]
+    )
+
+
 def test_cli_help():
     completed = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--help"],
