@@ -115,6 +115,17 @@ DEFAULTS: dict[str, Any] = {
         "save_embeddings": True,  # needed for the "concatenated" evaluation
     },
     "methods": None,  # {method name: partial config merged onto the rest}
+    # python -m benchmarks.tune: {dotted config key: space} sampled per trial; a method's
+    # own search_space merges onto this one (see benchmarks/tune.py for the entries).
+    "search_space": None,
+    "tune": {
+        "trials": 20,  # per method: complete + pruned trials
+        "seeds": [0],  # each trial trains these seeds x folds on validation classes
+        "folds": [0],
+        "seed": 0,  # TPE's seed (plus the trial's index)
+        "sampler": {},  # optuna.samplers.TPESampler keyword arguments
+        "pruner": {"name": "median", "kwargs": {"n_startup_trials": 5, "n_warmup_steps": 1}},
+    },
 }
 
 # The type of each key whose default is None (which it may stay); every other key takes
@@ -131,6 +142,7 @@ _TYPES_OF_NONE_DEFAULTS: dict[tuple[str, ...], type] = {
     ("loss", "head_weights"): list,
     ("miner",): dict,
     ("methods",): dict,
+    ("search_space",): dict,
 }
 # Keys with another default that also take null.
 _NULLABLE = {
@@ -138,7 +150,7 @@ _NULLABLE = {
     ("training", "patience"),  # null: no early stopping
 }
 # Sections with free-form contents: not checked below their top level.
-_FREE_FORM = {"kwargs", "optimizers", "consistency", "miner", "methods"}
+_FREE_FORM = {"kwargs", "optimizers", "consistency", "miner", "methods", "search_space", "sampler"}
 
 _NAMED_KEYS = ("type", "name")
 
@@ -349,7 +361,7 @@ def load_config(
             if not isinstance(partial or {}, Mapping):
                 raise ConfigError(f"methods.{name} must be a mapping, got {partial!r}")
             _check_schema(partial or {}, where=f"methods.{name}.")
-            for forbidden in ("methods", "seeds", "folds", "num_folds", "name", "dataset"):
+            for forbidden in ("methods", "seeds", "folds", "num_folds", "name", "dataset", "tune"):
                 if forbidden in (partial or {}):
                     raise ConfigError(
                         f"methods.{name} sets {forbidden!r}: every method shares the protocol"

@@ -321,7 +321,9 @@ class _ToFloat32:
 # --------------------------------------------------------------------------- one unit
 
 
-def _device(name: str) -> torch.device:
+def config_device(config: Mapping[str, Any]) -> torch.device:
+    """The config's ``device``; ``auto`` is CUDA when available, else the CPU."""
+    name = str(config.get("device", "auto"))
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -589,6 +591,7 @@ def run_unit(
     hub_dir: Path,
     log: Log = print,
     launch: ddp.Launch = ddp.SINGLE_PROCESS,
+    on_validation: Callable[[int, float], None] | None = None,
 ) -> dict[str, Any] | None:
     """Train (unless frozen) and test one (method, seed, fold); write ``results.json``.
 
@@ -597,7 +600,15 @@ def run_unit(
     Under ``torchrun`` every rank calls it; rank 0 alone writes the folder and
     returns the results, the other ranks train with it and return ``None``
     (see :mod:`benchmarks.distributed`).
+
+    ``on_validation(epoch, value)`` (single process only) is called after each
+    validation with the epoch's value of ``eval.primary_metric``, before the
+    epoch's resume point is written (so a unit resumed after a crash calls it
+    again for that epoch); an exception it raises (a pruned search trial) stops
+    the unit there.
     """
+    if on_validation is not None and launch.distributed:
+        raise ValueError("on_validation is for single-process units")
     marker = _prepare_unit_folder(config, seed, fold, folder, device, log, launch)
     start = time.time()
 
@@ -700,6 +711,9 @@ def run_unit(
             if launch.is_main:
                 keep_going = hook(trainer)
                 if trainer.epoch % test_interval == 0:
+                    if on_validation is not None:
+                        value = tester.all_accuracies["val"][f"{primary}_level0"]
+                        on_validation(int(trainer.epoch), float(value))
                     _write_resume_point(folder, trainer, sampler, stopped=keep_going is False)
             return launch.broadcast(keep_going)
 
@@ -1020,7 +1034,7 @@ def run_benchmark(
     Returns ``{"rows", "summary", "table", "root", "wall_time_s", "units_run", "units_skipped"}``.
     """
     with compute_threads(config.get("threads")):
-        launch, device = ddp.start(_device(str(config.get("device", "auto"))))
+        launch, device = ddp.start(config_device(config))
         try:
             with progress_bars(progress and launch.is_main):
                 return _run_units(
@@ -1106,6 +1120,17 @@ def compute_threads(count: int | None) -> Iterator[None]:
             faiss.omp_set_num_threads(before[1])
 
 
+def select_methods(config: Mapping[str, Any], methods: Sequence[str] | None) -> list[str]:
+    """The config's method names, in config order, restricted to ``methods`` when given."""
+    names = method_names(config)
+    if methods:
+        unknown = [m for m in methods if m not in names]
+        if unknown:
+            raise UserError(f"--methods: unknown methods {unknown}; the config has {names}")
+        names = [m for m in names if m in methods]
+    return names
+
+
 def _run_units(
     config: Mapping[str, Any],
     out: str | Path,
@@ -1121,12 +1146,7 @@ def _run_units(
     if not launch.is_main:
         log = _quiet
     root = Path(out) / str(config["name"])
-    names = method_names(config)
-    if methods:
-        unknown = [m for m in methods if m not in names]
-        if unknown:
-            raise UserError(f"--methods: unknown methods {unknown}; the config has {names}")
-        names = [m for m in names if m in methods]
+    names = select_methods(config, methods)
     folds = [int(f) for f in config["folds"]]
     if not folds or any(not 0 <= f < int(config["num_folds"]) for f in folds):
         raise ConfigError(f"folds must be a non-empty list of ints in [0, {config['num_folds']})")
@@ -1353,20 +1373,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
             command=command,
         )
     except UserError as error:
-        _exit(2, "error: " + " ".join(str(error).splitlines()))
+        exit_with(2, "error: " + " ".join(str(error).splitlines()))
     except KeyboardInterrupt:
         again = (
             f"the same torchrun command again to resume (its processes ran: {command})"
             if ddp.launched_by_torchrun()
             else f"the same command again to resume:\n  {command}"
         )
-        _exit(130, f"interrupted. Finished units and completed epochs are kept; run {again}")
+        exit_with(130, f"interrupted. Finished units and completed epochs are kept; run {again}")
 
 
-def _exit(status: int, message: str) -> NoReturn:
-    """Print ``benchmarks.run: <message>`` to stderr (rank 0 only) and exit with ``status``."""
+def exit_with(status: int, message: str, prog: str = "benchmarks.run") -> NoReturn:
+    """Print ``<prog>: <message>`` to stderr (rank 0 only) and exit with ``status``."""
     if os.environ.get("RANK", "0") == "0":
-        print(f"benchmarks.run: {message}", file=sys.stderr, flush=True)
+        print(f"{prog}: {message}", file=sys.stderr, flush=True)
     raise SystemExit(status)
 
 

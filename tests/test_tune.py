@@ -1,0 +1,383 @@
+"""benchmarks.tune: Optuna searches on validation classes, resumable and shared by workers.
+
+A tiny Omniglot search (16 characters, a small convnet, 3 epochs of 5 iterations,
+4 trials of one method) runs uninterrupted once, in process. Then:
+
+- a real ``python -m benchmarks.tune`` process is killed in the middle of its
+  second trial and the same command is run again: every trial, its parameters,
+  its pruning and its value equal the uninterrupted search's, the killed trial
+  ran again from its resume point in its own folder, and nothing ran twice;
+- two worker processes share one study, in Optuna's journal file and in a real
+  PostgreSQL server: their trials are distinct and together make the study.
+
+Every process pins one thread (``threads: 1``): results depend on the thread count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+from pytorch_metric_learning import testers
+
+from benchmarks import run, tune
+from benchmarks.config import load_config, method_config
+from benchmarks.splits import mlrc_split
+
+pytest_plugins = ["postgres_server"]
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+needs_omniglot = pytest.mark.skipif(
+    not (DATA / "omniglot-py" / "images_background").is_dir(),
+    reason=f"Omniglot not found under {DATA} (see SPEC section 4)",
+)
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+
+TRIALS = 4
+TINY = {
+    "name": "tiny_tune",
+    "seeds": [0],
+    "folds": [0],
+    "device": "cpu",
+    "threads": 1,
+    "dataset": {"name": "omniglot", "root": str(DATA), "max_classes": 16},
+    "images": {"resize": 28, "normalize": "invert"},
+    "trunk": {"name": "small_convnet", "kwargs": {"channels": [16, 16, 16], "pool_last": False}},
+    "loss": {"name": "MultiSimilarityLoss"},
+    "miner": {"name": "MultiSimilarityMiner"},
+    "training": {
+        "batch_size": 12,
+        "iterations_per_epoch": 5,
+        "num_epochs": 3,
+        "patience": None,
+        "log_freq": 5,
+        "num_workers": 0,
+    },
+    "eval": {"batch_size": 64},
+    "search_space": {
+        "optimizers.default.kwargs.lr": {"type": "float", "low": 1e-4, "high": 3e-2, "log": True}
+    },
+    "tune": {
+        "trials": TRIALS,
+        "pruner": {"name": "median", "kwargs": {"n_startup_trials": 1, "n_warmup_steps": 1}},
+    },
+    "methods": {
+        "global_pool": {
+            "embedder": {"type": "GlobalPoolEmbedder", "kwargs": {"embedding_size": 32}},
+            "search_space": {
+                "embedder.kwargs.pooling": {"type": "categorical", "choices": ["avg", "gem"]}
+            },
+        }
+    },
+}
+TRIAL_FOLDERS = Path("tiny_tune") / "tune" / "global_pool"
+
+
+def _config_file(folder: Path) -> Path:
+    path = folder / "tiny_tune.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+def _study(out: Path, storage: str | None = None) -> optuna.Study:
+    storage = storage or str(out / "tiny_tune" / "tune" / tune.JOURNAL)
+    return optuna.load_study(study_name="tiny_tune/global_pool", storage=tune.open_storage(storage))
+
+
+def _trials(study: optuna.Study) -> list[tuple]:
+    """What a search decided: each counted trial's parameters, pruning, steps and value."""
+    return [
+        (t.params, t.state, dict(t.intermediate_values), t.value)
+        for t in tune.counted_trials(study, TRIALS)
+    ]
+
+
+# --------------------------------------------------------------------------- search spaces
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"type": "uniform", "low": 0, "high": 1}, "type one of"),
+        ({"type": "float", "low": 1.0, "high": 0.5}, "low < high"),
+        ({"type": "float", "low": 0.0, "high": 1.0, "log": True}, "low > 0 with log"),
+        ({"type": "int", "low": 1.5, "high": 4}, "integer low and high"),
+        ({"type": "categorical", "choices": []}, "non-empty list"),
+        ({"type": "float", "low": 0, "high": 1, "scale": 2}, "unknown keys"),
+    ],
+)
+def test_bad_search_space_entries_are_named(entry, message):
+    config = load_config(data={"search_space": {"training.margin": entry}})
+    with pytest.raises(
+        tune.SearchSpaceError, match=rf"search_space\['training.margin'\].*{message}"
+    ):
+        tune.search_space(config)
+
+
+def test_a_key_that_does_not_fit_the_config_is_named():
+    space = {"training.batch_size.size": {"type": "int", "low": 8, "high": 16}}
+    config = method_config(load_config(data={"methods": {"m": {"search_space": space}}}), "m")
+    with pytest.raises(tune.SearchSpaceError, match=r"methods\.m\.search_space.*batch_size"):
+        tune.search_space(config)
+
+
+def test_methods_extend_and_drop_the_shared_space():
+    config = load_config(
+        data={
+            "search_space": {
+                "optimizers.default.kwargs.lr": {"type": "float", "low": 1e-5, "high": 1e-2},
+                "loss.kwargs.alpha": {"type": "float", "low": 1, "high": 4},
+            },
+            "methods": {
+                "a": {"search_space": {"loss.kwargs.alpha": None}},
+                "b": {"search_space": {"training.m": {"type": "int", "low": 2, "high": 8}}},
+            },
+        }
+    )
+    assert list(tune.search_space(method_config(config, "a"))) == ["optimizers.default.kwargs.lr"]
+    assert list(tune.search_space(method_config(config, "b"))) == [
+        "optimizers.default.kwargs.lr",
+        "loss.kwargs.alpha",
+        "training.m",
+    ]
+
+
+def test_suggested_values_follow_their_space_and_decode_back():
+    space = tune.search_space(
+        load_config(
+            data={
+                "search_space": {
+                    "optimizers.default.kwargs.lr": {
+                        "type": "float",
+                        "low": 1e-4,
+                        "high": 1e-2,
+                        "log": True,
+                    },
+                    "training.m": {"type": "int", "low": 2, "high": 8, "step": 2},
+                    "embedder.kwargs.heads": {
+                        "type": "categorical",
+                        "choices": [[[8, 64], [4, 32]], [[16, 128]]],
+                    },
+                }
+            }
+        )
+    )
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = []
+    for _ in range(12):
+        trial = study.ask()
+        params = tune.suggest(trial, space)
+        study.tell(trial, 0.0)
+        assert 1e-4 <= params["optimizers.default.kwargs.lr"] <= 1e-2
+        assert params["training.m"] in (2, 4, 6, 8)
+        assert params["embedder.kwargs.heads"] in ([[8, 64], [4, 32]], [[16, 128]])
+        assert tune.decode_params(space, trial.params) == params
+        seen.append(json.dumps(params["embedder.kwargs.heads"]))
+    assert len(set(seen)) == 2
+
+
+def test_best_yaml_is_a_config_the_runner_takes(tmp_path):
+    config = load_config(data=TINY)
+    best = {
+        "global_pool": {"optimizers.default.kwargs.lr": 0.004, "embedder.kwargs.pooling": "gem"}
+    }
+    path = tmp_path / "best.yaml"
+    path.write_text(yaml.safe_dump(tune.best_config(config, best)))
+    tuned = load_config(path)
+    assert tuned["name"] == "tiny_tune_tuned" and tuned["search_space"] is None
+    method = method_config(tuned, "global_pool")
+    assert method["optimizers"]["default"] == {"name": "Adam", "kwargs": {"lr": 0.004}}
+    assert method["embedder"] == {
+        "type": "GlobalPoolEmbedder",
+        "kwargs": {"embedding_size": 32, "pooling": "gem"},
+    }
+    assert method["eval"]["split"] == "test" and tuned["seeds"] == TINY["seeds"]
+
+
+def test_trials_below_the_median_are_pruned_and_not_rerun(tmp_path):
+    """A stub unit whose validation curve is set by the learning rate: MedianPruner's rule."""
+    space = {"optimizers.default.kwargs.lr": {"type": "float", "low": 0.0, "high": 1.0}}
+    config = load_config(
+        data={
+            "training": {"num_epochs": 3},
+            "search_space": space,
+            "tune": {"trials": 6, "pruner": {"kwargs": {"n_startup_trials": 2}}},
+        }
+    )
+    calls = []
+
+    def stub_unit(unit_config, seed, fold, folder, on_validation):
+        lr = unit_config["optimizers"]["default"]["kwargs"]["lr"]
+        calls.append(folder)
+        for epoch in (1, 2, 3):
+            on_validation(epoch, lr * epoch)
+        return {"val": {"mean_average_precision_at_r": 3 * lr}}
+
+    storage = tune.open_storage(str(tmp_path / "journal"))
+    study = tune.tune_method(config, "GlobalPoolEmbedder", storage, tmp_path, stub_unit, 6)
+    trials = tune.counted_trials(study, 6)
+    assert len(trials) == 6 == len(calls) == len(set(calls))
+    # MedianPruner: once 2 trials are complete, a trial whose value at a step is below the
+    # median of the complete trials' values at that step stops there (here at epoch 1).
+    complete: list[float] = []
+    for trial in trials:
+        lr = trial.params["optimizers.default.kwargs.lr"]
+        pruned = len(complete) >= 2 and lr < statistics.median(complete)
+        assert trial.state == (TrialState.PRUNED if pruned else TrialState.COMPLETE)
+        if pruned:
+            assert trial.intermediate_values == {1: lr}
+        else:
+            assert trial.intermediate_values == {1: lr, 2: 2 * lr, 3: 3 * lr}
+            assert trial.value == 3 * lr
+            complete.append(lr)
+    assert len(complete) < 6, "nothing was pruned: the test checks nothing"
+
+
+# --------------------------------------------------------------------------- searches
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted search, with the classes of every embedded dataset recorded."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    embedded: list[set[int]] = []
+    original = testers.GlobalEmbeddingSpaceTester.get_all_embeddings
+
+    def recording(self, dataset, *args, **kwargs):
+        embedded.append({dataset.dataset.labels[i] for i in dataset.indices})
+        return original(self, dataset, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(testers.GlobalEmbeddingSpaceTester, "get_all_embeddings", recording)
+        result = tune.search(load_config(data=TINY), out, progress=False, log=lambda s: None)
+    return {"out": out, "result": result, "embedded": embedded}
+
+
+@needs_omniglot
+def test_search_never_embeds_test_classes(reference):
+    source = run.DataPipeline(load_config(data=TINY)["dataset"]).source
+    split = mlrc_split(source.num_classes, 0, 4)
+    assert reference["embedded"], "nothing was embedded"
+    for classes in reference["embedded"]:
+        assert classes <= set(split.val), classes  # validation only, never split.test
+
+
+@needs_omniglot
+def test_search_uses_its_budget_prunes_and_writes_best_yaml(reference):
+    out, result = reference["out"], reference["result"]
+    study = _study(out)
+    counted = tune.counted_trials(study, TRIALS)
+    assert len(counted) == TRIALS == len(study.trials)
+    assert {t.state for t in counted} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    for trial in counted:  # every validation was reported, and each trial has its folder
+        epochs = 3 if trial.state == TrialState.COMPLETE else max(trial.intermediate_values)
+        assert sorted(trial.intermediate_values) == list(range(1, epochs + 1))
+        unit = out / TRIAL_FOLDERS / f"trial{trial.number:04d}" / "seed0" / "fold0"
+        assert (unit / "config.yaml").is_file() and (unit / "logs" / "logs.db").is_file()
+    best = tune.best_trial(study, TRIALS)
+    folder = out / TRIAL_FOLDERS / f"trial{best.number:04d}" / "seed0" / "fold0"
+    unit_result = json.loads((folder / run.RESULTS).read_text())
+    assert best.value == unit_result["val"]["mean_average_precision_at_r"]
+    assert "test" not in unit_result
+    tuned = load_config(result["folder"] / "best.yaml")
+    method = method_config(tuned, "global_pool")
+    assert (
+        method["optimizers"]["default"]["kwargs"]["lr"]
+        == best.params["optimizers.default.kwargs.lr"]
+    )
+    assert method["embedder"]["kwargs"]["pooling"] == best.params["embedder.kwargs.pooling"]
+    report = (result["folder"] / "tiny_tune_tuning.md").read_text()
+    assert (
+        f"| global_pool | {TRIALS - sum(t.state == TrialState.PRUNED for t in counted)} + "
+        in report
+    )
+    for name in ("tiny_tune_tuning_global_pool_history.png", "tiny_tune_tuning_val_curves.png"):
+        assert (result["folder"] / name).is_file()
+
+
+def _marker_epoch(unit: Path) -> int:
+    try:
+        return json.loads((unit / run.RESUME / run.MARKER).read_text())["epoch"]
+    except (OSError, ValueError):
+        return 0
+
+
+@needs_omniglot
+def test_killed_search_resumes_to_the_uninterrupted_search(reference, tmp_path):
+    out = tmp_path / "runs"
+    argv = ["--config", str(_config_file(tmp_path)), "--out", str(out), "--no-progress"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.tune", *argv],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    # Kill the last trial that trains past epoch 1 (one the pruner does not stop at once):
+    # the trials after it must be proposed as if nothing had happened.
+    target = max(
+        t.number for t in _study(reference["out"]).trials if len(t.intermediate_values) > 1
+    )
+    killed_unit = out / TRIAL_FOLDERS / f"trial{target:04d}" / "seed0" / "fold0"
+    try:
+        deadline = time.time() + 180
+        while _marker_epoch(killed_unit) < 1:
+            assert process.poll() is None, process.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, f"trial {target} wrote no resume marker"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+        process.stderr.close()
+    assert not (killed_unit / run.RESULTS).exists(), "killed too late: the trial had finished"
+    killed_at = _marker_epoch(killed_unit)
+
+    tune.main(argv)  # the same command again
+
+    study = _study(out)
+    assert _trials(study) == _trials(_study(reference["out"]))
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert [t.number for t in failed] == [target]
+    retry = [t for t in study.trials if t.user_attrs.get("retry_of") == target]
+    assert len(retry) == 1 and retry[0].params == failed[0].params
+    roots = {tune.root_number(t) for t in tune.counted_trials(study, TRIALS)}
+    assert target in roots and len(roots) == TRIALS  # the retry ran in its folder, once
+    folders = sorted(p.name for p in (out / TRIAL_FOLDERS).iterdir())
+    assert folders == [f"trial{n:04d}" for n in sorted(roots)]
+    env = json.loads((killed_unit / "env.json").read_text())
+    assert [r["epoch"] for r in env["resumes"]] == [killed_at]
+
+
+def _assert_workers_shared(study: optuna.Study, out: Path) -> None:
+    counted = tune.counted_trials(study, TRIALS)
+    assert len(counted) == TRIALS
+    for trial in study.get_trials(states=(TrialState.FAIL,)):
+        assert trial.user_attrs.get("over_budget"), trial  # only trials left without budget
+    pids = {t.user_attrs["pid"] for t in counted}
+    assert len(pids) == 2 and os.getpid() not in pids  # both workers ran trials
+    numbers = [t.number for t in counted]
+    assert len(set(numbers)) == len(numbers)
+    folders = sorted(p.name for p in (out / TRIAL_FOLDERS).iterdir())
+    assert folders == [f"trial{n:04d}" for n in sorted(numbers)]
+
+
+@needs_omniglot
+@pytest.mark.parametrize("backend", ["journal", "postgresql"])
+def test_two_workers_share_one_study(backend, tmp_path, request):
+    storage = request.getfixturevalue("postgres_url") if backend == "postgresql" else None
+    out = tmp_path / "runs"
+    config = load_config(data={**TINY, "name": "tiny_tune"})
+    tune.search(config, out, workers=2, storage=storage, progress=False, log=lambda s: None)
+    _assert_workers_shared(_study(out, storage), out)
