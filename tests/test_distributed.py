@@ -12,21 +12,31 @@ half of a fixed batch and back-propagates a wrapped loss. "Match" means:
   single-process gradient on every rank (``AllGatherLossWrapper``), or
   ``world_size`` times it (PML's wrapper).
 
-Float64 to 1e-10 (relative), float32 to 1e-5. Without a wrapper the loss only
-sees the local half, and the check fails.
+"Equals" is up to rounding: every rank's result, float64 or float32, is within
+the rounding bound of its dtype (``_tolerance``, derived from the computation)
+of the single-process float64 result on the same values, the exact reference
+(about 3e-11 relative in float64). Without a wrapper the loss only sees the
+local half, and the check fails. The float32 checks also need every discrete
+choice (mined pairs, ContrastiveLoss's hinge) to be farther from its threshold
+than float32 rounding reaches; ``test_float32_runs_make_the_float64_discrete_choices``
+checks that on the data.
+
+Every worker runs one thread (``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` and
+``torch.set_num_threads``) and meets the others through a file, not a TCP port
+picked in advance that another process could take.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
-import socket
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from pytorch_metric_learning import losses, miners, samplers
 from pytorch_metric_learning.utils import common_functions as pml_cf
 from torch.nn.parallel import DistributedDataParallel
@@ -48,7 +58,6 @@ BATCH = 16
 NUM_CLASSES = 4
 HEADS = [(4, 8), (2, 4)]
 DTYPES = ("float64", "float32")
-TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
 CASES = (
     "multi_head",  # MultiSimilarityLoss per head + consistency
     "head_miner",  # ... with a MultiSimilarityMiner per head
@@ -60,12 +69,27 @@ CASES = (
     "diversity",  # MultiHeadCRT(diversity_weight=...) adds a penalty gradient
 )
 WRAPPERS = ("ours", "pml", "none")
+# How sharply each case's loss turns a change of a similarity into a change of its
+# gradient: the largest factor in an exponent (MultiSimilarityLoss's beta = 50,
+# ProxyAnchorLoss's alpha = 32, the consistency term's 1 / temperature = 10);
+# ContrastiveLoss is linear in the distance.
+SHARPNESS = {
+    "multi_head": 50,
+    "head_miner": 50,
+    "tuple_miner": 50,
+    "ref_emb": 10,
+    "regularizer": 10,
+    "consistency_kl": 10,
+    "proxies": 32,
+    "diversity": 50,
+}
 
 
 def _data(dtype: torch.dtype):
+    """The same values in both dtypes (drawn in float32): float64 runs are the exact reference."""
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(BATCH, 8, 3, 3, generator=generator, dtype=dtype)
-    ref_x = torch.randn(BATCH, 8, 3, 3, generator=generator, dtype=dtype)
+    x = torch.randn(BATCH, 8, 3, 3, generator=generator).to(dtype)
+    ref_x = torch.randn(BATCH, 8, 3, 3, generator=generator).to(dtype)
     labels = torch.arange(NUM_CLASSES).repeat_interleave(BATCH // NUM_CLASSES)
     labels = labels[torch.randperm(BATCH, generator=generator)]
     ref_labels = labels[torch.randperm(BATCH, generator=generator)]
@@ -126,13 +150,15 @@ def _reference(case: str, dtype: torch.dtype):
     return value, grads, [p.grad.clone() for p in loss_fn.parameters()]
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=60)
-    )
+def _worker(rank: int, out_dir: str) -> None:
     torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{os.path.join(out_dir, 'rendezvous')}",
+        rank=rank,
+        world_size=WORLD_SIZE,
+        timeout=datetime.timedelta(seconds=60),
+    )
     warnings.simplefilter("ignore")
     results = {}
     try:
@@ -167,23 +193,53 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out_dir = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)
+    with pytest.MonkeyPatch.context() as env:
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # read by the workers' torch
+            env.setenv(name, "1")
+        mp.spawn(_worker, args=(str(out_dir),), nprocs=WORLD_SIZE, join=True)
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD_SIZE)]
 
 
-def _assert_close(actual, expected, dtype_name, scale=1.0):
+def _embedding_length() -> float:
+    """Terms summed on the way to an embedding, amplified by the softmax: (C + 3d + N + K d) / T.
+
+    A CRT head sums C (input projection), 2 d (LayerNorm), d (<x, p>), N (over
+    positions) and K d (fusion) terms; its softmax over cos / T multiplies the
+    error before it by up to 1 / T. The longest head counts.
+    """
+    model = _model("multi_head", torch.float64)
+    positions = _data(torch.float64)[0][0, 0].numel()
+    return max(
+        (head.in_channels + 3 * head.projection_dim + positions)
+        + head.num_prototypes * head.projection_dim
+        for head in model.heads
+    ) / min(head.temperature_value for head in model.heads)
+
+
+def _tolerance(case: str, dtype_name: str) -> float:
+    """Bound on one run's |result - exact|, relative to max|exact| of the tensor compared.
+
+    A sum of n terms is off by at most n eps relative to its sum of |terms|, and
+    the stages' errors add. An embedding is within ``_embedding_length()`` eps
+    (relative), and back-propagation through the head sums as many terms again.
+    A similarity is off by up to twice its embeddings' relative error, and the
+    loss turns that into a gradient error up to ``SHARPNESS`` times larger; the
+    loss itself sums over the B^2 pairs. So k = 2 L (1 + 2 sharpness) + B^2. A
+    worst case: float32 runs measure 10 to 400 eps.
+    """
+    k = 2 * _embedding_length() * (1 + 2 * SHARPNESS[case]) + BATCH**2
+    return k * torch.finfo(getattr(torch, dtype_name)).eps
+
+
+def _assert_close(actual, expected, tolerance, scale=1.0):
     """Relative to the largest magnitude of ``expected`` (gradients have many near-0 entries)."""
-    tol = TOLERANCE[dtype_name] * max(float(expected.abs().max()), 1e-12)
-    torch.testing.assert_close(actual, scale * expected, rtol=TOLERANCE[dtype_name], atol=tol)
+    expected = scale * expected
+    error = float((actual.double() - expected.double()).abs().max())
+    bound = tolerance * float(expected.abs().max())
+    assert error <= bound, f"{error:.3g} > {bound:.3g} ({tolerance:.3g} x max|expected|)"
 
 
 def _max_relative_error(actual, expected) -> float:
@@ -209,29 +265,85 @@ def test_all_gather_with_grad_orders_local_first_and_sums_gradients(ranks):
 @pytest.mark.parametrize("dtype_name", DTYPES)
 @pytest.mark.parametrize("case", CASES)
 def test_all_gather_loss_wrapper_matches_single_process(ranks, case, dtype_name):
-    value, grads, loss_grads = _reference(case, getattr(torch, dtype_name))
+    value, grads, loss_grads = _reference(case, torch.float64)
+    tolerance = _tolerance(case, dtype_name)
     for result in ranks:
         rank_value, rank_grads, rank_loss_grads = result[dtype_name, case, "ours"]
-        _assert_close(rank_value, value, dtype_name)
+        _assert_close(rank_value, value, tolerance)
         for rank_grad, grad in zip(rank_grads, grads, strict=True):
-            _assert_close(rank_grad, grad, dtype_name)
+            _assert_close(rank_grad, grad, tolerance)
         assert len(rank_loss_grads) == len(loss_grads) == (len(HEADS) if case == "proxies" else 0)
         for rank_grad, grad in zip(rank_loss_grads, loss_grads, strict=True):
-            _assert_close(rank_grad, grad, dtype_name)
+            _assert_close(rank_grad, grad, tolerance)
 
 
 @pytest.mark.parametrize("dtype_name", DTYPES)
 @pytest.mark.parametrize("case", CASES)
 def test_pml_wrapper_matches_up_to_world_size(ranks, case, dtype_name):
     """PML's wrapper: exact model gradients; loss value and loss-parameter gradients x W."""
-    value, grads, loss_grads = _reference(case, getattr(torch, dtype_name))
+    value, grads, loss_grads = _reference(case, torch.float64)
+    tolerance = _tolerance(case, dtype_name)
     for result in ranks:
         rank_value, rank_grads, rank_loss_grads = result[dtype_name, case, "pml"]
-        _assert_close(rank_value, value, dtype_name, scale=WORLD_SIZE)
+        _assert_close(rank_value, value, tolerance, scale=WORLD_SIZE)
         for rank_grad, grad in zip(rank_grads, grads, strict=True):
-            _assert_close(rank_grad, grad, dtype_name)
+            _assert_close(rank_grad, grad, tolerance)
         for rank_grad, grad in zip(rank_loss_grads, loss_grads, strict=True):
-            _assert_close(rank_grad, grad, dtype_name, scale=WORLD_SIZE)
+            _assert_close(rank_grad, grad, tolerance, scale=WORLD_SIZE)
+
+
+def _miner_margin(embeddings, labels, epsilon=0.02):
+    """How far every similarity is from a MultiSimilarityMiner threshold.
+
+    The miner keeps a positive pair whose similarity minus epsilon is below the
+    anchor's largest negative similarity, and a negative pair whose similarity
+    plus epsilon is above the anchor's smallest positive one. Self-pairs count
+    as positives (as when the miner sees the gathered batch).
+    """
+    unit = F.normalize(embeddings, dim=1)
+    sims = unit @ unit.T
+    same = labels[:, None] == labels[None, :]
+    margins = []
+    for row, positive in zip(sims, same, strict=True):
+        pos, neg = row[positive], row[~positive]
+        margins.append((pos - epsilon - neg.max()).abs().min())
+        margins.append((neg + epsilon - pos.min()).abs().min())
+    return float(min(margins))
+
+
+def _hinge_margin(embeddings, labels, ref, ref_labels):
+    """How far every negative pair's distance is from ContrastiveLoss's neg_margin of 1."""
+    distances = torch.cdist(F.normalize(embeddings, dim=1), F.normalize(ref, dim=1))
+    negative = labels[:, None] != ref_labels[None, :]
+    return float((distances[negative] - 1).abs().min())
+
+
+def test_float32_runs_make_the_float64_discrete_choices():
+    """No similarity or distance is within float32's reach of a threshold.
+
+    Which pairs the miners keep, and which negative pairs ContrastiveLoss's hinge
+    (and its average over non-zero terms) counts, are step functions of the
+    embeddings. A float32 embedding is within ``_embedding_length()`` eps of the
+    exact one (relative), a similarity or distance of unit vectors within twice
+    that: every float64 margin must exceed it, or the float32 checks above
+    could flip a choice on another machine.
+    """
+    reach = 2 * _embedding_length() * torch.finfo(torch.float32).eps
+    x, labels, ref_x, ref_labels = _data(torch.float64)
+    model = _model("multi_head", torch.float64)
+    with torch.no_grad():
+        embeddings, ref = model(x), model(ref_x)
+    sizes = model.embedding_sizes
+    heads, ref_heads = embeddings.split(sizes, dim=1), ref.split(sizes, dim=1)
+    margins = {
+        "head_miner": min(_miner_margin(h, labels) for h in heads),
+        "tuple_miner": _miner_margin(embeddings, labels),
+        "ref_emb": min(
+            _hinge_margin(h, labels, r, ref_labels) for h, r in zip(heads, ref_heads, strict=True)
+        ),
+        "regularizer": _hinge_margin(embeddings, labels, embeddings, labels),
+    }
+    assert all(margin > reach for margin in margins.values()), (margins, reach)
 
 
 @pytest.mark.parametrize("case", CASES)
