@@ -6,6 +6,7 @@ import csv
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from pytorch_metric_learning import losses, miners, samplers, testers, trainers
@@ -43,8 +44,20 @@ def _read_csv(path):
         return list(csv.DictReader(f))
 
 
-def test_stock_pml_pipeline_trains_and_logs_crt(splits, tmp_path):
+@pytest.fixture
+def seeded_global_rngs():
+    """Seed torch's and numpy's global generators (MPerClassSampler draws from numpy's,
+    through PML's ``NUMPY_RANDOM``), so the batches do not depend on the tests run before;
+    restore them afterwards."""
+    torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()
     torch.manual_seed(0)
+    np.random.seed(0)
+    yield
+    torch.set_rng_state(torch_state)
+    np.random.set_state(numpy_state)
+
+
+def test_stock_pml_pipeline_trains_and_logs_crt(splits, tmp_path, seeded_global_rngs):
     logging.getLogger("PML").setLevel(logging.WARNING)
     trunk = SmallConvNet(1, channels=(32, 32, 64), pool_last=False)
     embedder = MultiHeadCRT(trunk.out_channels, heads=[(8, 32), (4, 16)])
@@ -110,7 +123,10 @@ def test_stock_pml_pipeline_trains_and_logs_crt(splits, tmp_path):
     embedder_log = _read_csv(tmp_path / "logs" / "embedder_MultiHeadCRT.csv")
     assert int(float(embedder_log[0]["head0_num_prototypes"])) == 8
     assert int(float(embedder_log[0]["head1_embedding_size"])) == 16
-    assert 0.01 < float(embedder_log[-1]["head0_temperature_value"]) < 1.0
+    # The last row was logged after the last optimizer step: the trained temperatures.
+    for i, head in enumerate(embedder.heads):
+        assert float(embedder_log[-1][f"head{i}_temperature_value"]) == head.temperature_value
+        assert head.temperature_value != 0.1  # training moved it from its initial value
     loss_log = _read_csv(tmp_path / "logs" / "metric_loss_MultiHeadLoss.csv")
     assert {"head0_loss", "head1_loss", "consistency_loss"} <= set(loss_log[0])
     # The logged term is the consistency of the last training batch's embeddings.
