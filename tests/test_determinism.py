@@ -4,9 +4,12 @@ Trunk ``SmallConvNet`` + ``MultiHeadCRT`` + ``MultiHeadLoss(MultiSimilarityLoss)
 trained by PML's ``MetricLossOnly`` trainer with an ``MPerClassSampler`` on a
 random tensor dataset (8 classes x 8 images), ``dataloader_num_workers=0``, 5
 iterations. What must be seeded: ``torch.manual_seed`` (weights) and
-``numpy.random.seed`` (``MPerClassSampler`` draws from ``numpy.random``).
+``numpy.random.seed`` (``MPerClassSampler`` draws from ``numpy.random``). What
+must be fixed: the number of torch threads (a parallel reduction sums in an
+order that depends on it), one here, set by each run and restored after it.
 """
 
+import contextlib
 import logging
 
 import numpy as np
@@ -37,16 +40,27 @@ def _dataset():
     return torch.utils.data.TensorDataset(images, labels), labels
 
 
-@pytest.fixture(autouse=True)
-def _restore_global_rng():
+@contextlib.contextmanager
+def _isolated_globals():
+    """One torch thread inside; the thread count and global generators restored after."""
+    threads = torch.get_num_threads()
     torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()
-    yield
-    torch.set_rng_state(torch_state)
-    np.random.set_state(numpy_state)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_rng_state(torch_state)
+        np.random.set_state(numpy_state)
 
 
 def _train(seed):
     """Train for ``ITERATIONS`` steps; return the final state and every step's losses."""
+    with _isolated_globals():
+        return _train_seeded(seed)
+
+
+def _train_seeded(seed):
     torch.manual_seed(seed)
     np.random.seed(seed)
     logging.getLogger("PML").setLevel(logging.WARNING)
@@ -108,8 +122,9 @@ def test_same_seed_gives_bitwise_identical_training(seed_zero_run):
 
 def test_training_changed_the_parameters(seed_zero_run):
     state, history = seed_zero_run
-    torch.manual_seed(0)
-    initial = SmallConvNet(1, channels=(16, 32), pool_last=False).state_dict()
+    with _isolated_globals():
+        torch.manual_seed(0)
+        initial = SmallConvNet(1, channels=(16, 32), pool_last=False).state_dict()
     assert not torch.equal(state["trunk.blocks.0.0.weight"], initial["blocks.0.0.weight"])
     assert all(torch.isfinite(step["total_loss"]) for step in history)
 
