@@ -1,4 +1,10 @@
-"""The accuracy helper works with faiss and falls back to CustomKNN without it."""
+"""The accuracy helper works with faiss and falls back to CustomKNN without it.
+
+The metrics are compared exactly (up to float64 averaging) with a brute-force
+reference that ranks by float64 similarity. That is valid on any machine only
+because no two neighbours that would change a metric by trading places are
+within float32 rounding of each other: ``_ranking_margin`` checks it on the data.
+"""
 
 import sys
 
@@ -18,9 +24,38 @@ def _clustered_embeddings(seed=0, classes=12, per_class=9, dim=16):
     return F.normalize(x, dim=1), labels
 
 
+def _ranking_margin(x, labels):
+    """The smallest float64 similarity gap that decides a metric.
+
+    P@1, R-Precision and MAP@R of a query depend only on which of its first
+    r + 1 neighbours (r relevant ones) are relevant, in order: only trading two
+    adjacent neighbours of different relevance there changes them.
+    """
+    sims = x.double() @ x.double().t()
+    margin = float("inf")
+    for i in range(len(labels)):
+        order = [j for j in torch.argsort(sims[i], descending=True).tolist() if j != i]
+        relevant = [bool(labels[j] == labels[i]) for j in order]
+        for pos in range(sum(relevant)):  # neighbours pos and pos + 1, up to the (r + 1)-th
+            if relevant[pos] != relevant[pos + 1]:
+                margin = min(margin, float(sims[i, order[pos]] - sims[i, order[pos + 1]]))
+    return margin
+
+
+def _float32_reach(dim):
+    """How far a float32 k-NN search can move a similarity of unit vectors.
+
+    faiss ranks by |x|^2 + |y|^2 - 2 x.y, CustomKNN by x.y after normalising
+    again: sums of up to d + 2 terms of size up to 4, each off by at most eps
+    of the sum of |terms|. Two similarities trade places only within twice that.
+    """
+    return 2 * 4 * (dim + 2) * torch.finfo(torch.float32).eps
+
+
 def _reference_metrics(x, labels):
-    """P@1, R-Precision and MAP@R by brute force over cosine similarity."""
-    sims = x @ x.t()
+    """P@1, R-Precision and MAP@R by brute force over (float64) cosine similarity."""
+    assert _ranking_margin(x, labels) > _float32_reach(x.shape[1]), "near-tied neighbours"
+    sims = x.double() @ x.double().t()
     n = len(labels)
     p1 = r_prec = map_r = 0.0
     for i in range(n):
@@ -50,6 +85,8 @@ def test_metrics_match_brute_force(prefer_faiss):
     calculator = make_accuracy_calculator(prefer_faiss=prefer_faiss, batch_size=32)
     got = calculator.get_accuracy(x, labels)
     expected = _reference_metrics(x, labels)
+    # Same rankings: PML averages in float64 (~1e-14 off); one trade of neighbours
+    # would move a metric by >= 1 / (n r^2 (r - 1)) ~ 2e-6 (MAP@R, n = 108, r = 8).
     for name, value in expected.items():
         assert got[name] == pytest.approx(value, abs=1e-6), name
 
