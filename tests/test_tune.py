@@ -31,7 +31,7 @@ from optuna.trial import TrialState
 from pytorch_metric_learning import testers
 
 from benchmarks import run, tune
-from benchmarks.config import load_config, method_config
+from benchmarks.config import load_config, method_config, method_names
 from benchmarks.splits import mlrc_split
 
 pytest_plugins = ["postgres_server"]
@@ -381,3 +381,13 @@ def test_two_workers_share_one_study(backend, tmp_path, request):
     config = load_config(data={**TINY, "name": "tiny_tune"})
     tune.search(config, out, workers=2, storage=storage, progress=False, log=lambda s: None)
     _assert_workers_shared(_study(out, storage), out)
+
+
+def test_committed_configs_search_spaces_fit_their_methods():
+    configs = sorted((ROOT / "benchmarks" / "configs").glob("*.yaml"))
+    tuned = 0
+    for path in configs:
+        config = load_config(path)
+        for name in method_names(config):
+            tuned += bool(tune.search_space(method_config(config, name)))
+    assert tuned >= 5  # omniglot_tune.yaml's trained heads at least
