@@ -14,6 +14,7 @@ import copy
 
 import pytest
 import torch
+from rounding import output_and_gradient_scales
 
 from pml_crt.models import CRT, MultiHeadCRT
 from pml_crt.trunks import SmallConvNet
@@ -37,23 +38,10 @@ def _loss_weights(out):
 
 
 def _scales(model, x):
-    """Magnitude of every compared tensor, from the float64 eager model.
-
-    The output: its largest |value|. A gradient of ``sum_j w_j out_j`` is a sum
-    over the outputs j whose terms can cancel, so its scale is the sum of
-    |terms|, ``|J|^T |w|`` with ``J = d out / d theta`` (one backward per output).
-    """
-    x = x.detach().clone().requires_grad_()
-    out = model(x)
-    weights = _loss_weights(out)
-    tensors = [*model.parameters(), x]
-    sums = [torch.zeros_like(t) for t in tensors]
-    for out_j, w_j in zip(out.flatten(), weights.flatten(), strict=True):
-        grads = torch.autograd.grad(out_j, tensors, retain_graph=True, allow_unused=True)
-        for total, grad in zip(sums, grads, strict=True):
-            if grad is not None:
-                total += w_j.abs() * grad.abs()
-    return [out.detach().abs().max()] + [total.max() for total in sums]
+    """Magnitude of every compared tensor, from the float64 eager model (see ``rounding``)."""
+    with torch.no_grad():
+        weights = _loss_weights(model(x))
+    return output_and_gradient_scales(model, x, weights)
 
 
 def _tolerance(length, heads, dtype):

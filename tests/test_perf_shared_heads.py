@@ -9,6 +9,7 @@ result, within a tolerance derived from the computation (``_tolerance``).
 
 import pytest
 import torch
+from rounding import output_and_gradient_scales
 
 from pml_crt.models import MultiHeadCRT
 
@@ -26,28 +27,8 @@ def _run(module, x, weights, separate):
     return [out.detach()] + [p.grad for p in module.parameters()] + [x.grad]
 
 
-def _scales(module, x, weights):
-    """Magnitude of every compared tensor, in the float64 module.
-
-    The output: its largest |value|. A gradient of ``sum_j w_j out_j`` is a sum
-    over the outputs j whose terms can cancel (the temperature's gradient is
-    ~1e-3 of its terms), so its scale is the sum of |terms|, ``|J|^T |w|`` with
-    ``J = d out / d theta``, one backward per output.
-    """
-    x = x.detach().clone().requires_grad_()
-    out = module(x)
-    tensors = [*module.parameters(), x]
-    sums = [torch.zeros_like(t) for t in tensors]
-    for out_j, w_j in zip(out.flatten(), weights.flatten(), strict=True):
-        grads = torch.autograd.grad(out_j, tensors, retain_graph=True, allow_unused=True)
-        for total, grad in zip(sums, grads, strict=True):
-            if grad is not None:
-                total += w_j.abs() * grad.abs()
-    return [out.detach().abs().max()] + [total.max() for total in sums]
-
-
 def _tolerance(module, x, dtype):
-    """``k * eps(dtype)``, relative to ``_scales``.
+    """``k * eps(dtype)``, relative to ``output_and_gradient_scales``.
 
     Every stage contributes at most its reduction length times eps (relative to
     its sum of |terms|): the projection (C) and LayerNorm (2 d), <x, p> (d), the
@@ -92,7 +73,7 @@ def test_shared_forward_and_backward_equal_separate_heads(heads):
     x64, weights64 = x.double(), weights.double()
 
     reference = _run(module64, x64, weights64, separate=True)
-    scales = _scales(module64, x64, weights64)
+    scales = output_and_gradient_scales(module64, x64, weights64)
     shared = _run(module64, x64, weights64, separate=False)
     _assert_within(shared, reference, scales, _tolerance(module, x, torch.float64))
     for separate in (False, True):
