@@ -13,7 +13,7 @@ ranking metrics within two near-tied queries (``ranking_tolerance``). Rank 0
 alone writes the run folder: one row per iteration and per epoch in the
 record-keeper logs.
 
-A 2-process Omniglot run killed (the whole process group, SIGKILL) after its
+A 2-process Omniglot run killed (torchrun and its workers, SIGKILL) after its
 first resume point and started again with the same command ends with the
 same results, embeddings, CSV logs and SQLite tables as an uninterrupted
 2-process run, bitwise.
@@ -21,12 +21,14 @@ same results, embeddings, CSV logs and SQLite tables as an uninterrupted
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -161,6 +163,48 @@ def test_two_processes_reproduce_one(runs, method):
     assert results[2]["best_epoch"] == results[1]["best_epoch"]
 
 
+def _children(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if parent == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def _stop_tree(pid: int) -> list[int]:
+    """SIGSTOP ``pid``, then its descendants; returns them all, ``pid`` first."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGSTOP)
+    return [pid, *(p for child in _children(pid) for p in _stop_tree(child))]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants, every one stopped first, and wait for them.
+
+    torchrun starts each worker in a session of its own: killing torchrun's process group
+    would leave the workers running on, finishing the unit the test means to cut short.
+    """
+    tree = _stop_tree(pid)
+    for each in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(each, signal.SIGKILL)
+    deadline = time.time() + 60
+    while not all(_gone(each) for each in tree[1:]):  # not our children: no wait() for them
+        assert time.time() < deadline, "torchrun's workers outlived SIGKILL for 60 s"
+        time.sleep(0.02)
+
+
 @needs_omniglot
 def test_killed_two_process_run_resumes_exactly(tmp_path):
     command = _torchrun_command(2)
@@ -170,18 +214,12 @@ def test_killed_two_process_run_resumes_exactly(tmp_path):
     out = tmp_path / "killed"
     unit = out / UNIT
     process = subprocess.Popen(
-        [*command, *_argv(out)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,  # its own process group: torchrun and both workers
+        [*command, *_argv(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     try:
         _wait_for_marker(process, unit, 180)
-        os.killpg(process.pid, signal.SIGKILL)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+        _kill_tree(process.pid)  # torchrun and both workers
         process.wait()
         process.stderr.close()
     assert not (unit / "results.json").exists(), "killed too late: the unit had finished"
