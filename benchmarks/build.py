@@ -97,12 +97,14 @@ def _hub_dir(path: str | Path | None) -> Iterator[None]:
     if path is None:
         yield
         return
-    previous = torch.hub.get_dir()
+    # torch.hub has no public way to unset a directory; get_dir() would return the default
+    # path, and setting it back would pin it, so that $TORCH_HOME no longer counted.
+    previous = torch.hub._hub_dir  # noqa: SLF001 (None unless someone called set_dir)
     torch.hub.set_dir(str(path))
     try:
         yield
     finally:
-        torch.hub.set_dir(previous)
+        torch.hub._hub_dir = previous  # noqa: SLF001
 
 
 def install_weights(name: str, weights: str, weights_path: str | Path, hub_dir: str | Path) -> Path:

@@ -20,6 +20,7 @@ import yaml
 from PIL import Image
 from pytorch_metric_learning import losses
 
+from benchmarks import build
 from benchmarks import config as config_module
 from benchmarks import run as bench
 from benchmarks.build import build_embedder, build_loss, build_optimizers, install_weights
@@ -456,6 +457,16 @@ def test_install_weights_feeds_torchvision(tmp_path, monkeypatch):
     target = install_weights("mobilenet_v2", "IMAGENET1K_V1", WEIGHTS, tmp_path / "hub")
     assert target == tmp_path / "hub" / "checkpoints" / WEIGHTS.name
     assert target.stat().st_size == WEIGHTS.stat().st_size
+
+
+def test_trunk_hub_dir_is_undone_so_torch_home_counts_again(tmp_path, monkeypatch):
+    # Restoring get_dir()'s default path would pin it: $TORCH_HOME set later was then
+    # ignored and torchvision tried to download (the README test, after a runner test).
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    with build._hub_dir(tmp_path / "hub"):
+        assert torch.hub.get_dir() == str(tmp_path / "hub")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    assert torch.hub.get_dir() == str(tmp_path / "home" / "hub")
 
 
 # --------------------------------------------------------------------------- end to end
