@@ -31,6 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 REPORT = ROOT / "benchmarks" / "results" / "readme_timings.md"
 EXAMPLE = "examples/omniglot_quickstart.py --data ../shared/data"
+PACKAGES = (
+    "pip installed from the machine's package index and download cache as they were; "
+    "where torch must be downloaded, installing takes longer."
+)
 MARKERS = ("<!-- timings:start -->", "<!-- timings:end -->")
 
 
@@ -94,7 +98,7 @@ def report(result: dict) -> str:
         "",
         f"Measured by `python -m benchmarks.time_readme` at commit {result['commit']} on "
         f"{result['machine']}, {result['date']}; one run of each, wall-clock, in a fresh clone "
-        "with no virtual environment. Load average = 1, 5, 15 minute averages.",
+        f"with no virtual environment. {PACKAGES} Load average = 1, 5, 15 minute averages.",
         "",
         "| step | wall-clock | load before | load after |",
         "|---|---|---|---|",
@@ -119,7 +123,8 @@ def readme_sentence(result: dict) -> str:
         f"wall-clock, {_minutes(total - benchmark)} to create the environment and install and "
         f"{_minutes(benchmark)} for the benchmark; `python {EXAMPLE}` took "
         f"{_minutes(result['example']['seconds'])}. One run each, by `python -m "
-        "benchmarks.time_readme` ([readme_timings.md](benchmarks/results/readme_timings.md))."
+        "benchmarks.time_readme` ([readme_timings.md](benchmarks/results/readme_timings.md)). "
+        + PACKAGES
     )
 
 
