@@ -43,7 +43,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import numpy as np
 import torch
@@ -107,6 +107,7 @@ RESUME = "resume"  # a unit's resume points: resume/resume.json + resume/models<
 MARKER = "resume.json"
 
 Log = Callable[[str], None]
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- files
@@ -1361,10 +1362,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     logging.getLogger("PML").setLevel(logging.INFO if args.verbose else logging.WARNING)
     # PML's trainer formats a loss that requires grad into its progress bar.
     warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True")
-    try:
-        config = load_config(args.config, args.overrides)
+    again = (
+        f"the same torchrun command again to resume (its processes ran: {command})"
+        if ddp.launched_by_torchrun()
+        else f"the same command again to resume:\n  {command}"
+    )
+    interrupted = f"interrupted. Finished units and completed epochs are kept; run {again}"
+
+    def benchmark() -> dict[str, Any] | None:
         return run_benchmark(
-            config,
+            load_config(args.config, args.overrides),
             args.out,
             methods=args.methods,
             log=lambda s: print(s, flush=True),
@@ -1372,15 +1379,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
             publish=args.publish,
             command=command,
         )
+
+    return run_command("benchmarks.run", benchmark, interrupted)
+
+
+def run_command(prog: str, action: Callable[[], T], interrupted: str) -> T:
+    """``action()`` as a command line's body, the way ``benchmarks.run`` and ``.tune`` end.
+
+    A :class:`~benchmarks.config.UserError` prints ``<prog>: error: <message>`` as one
+    line and exits with status 2, as argparse does; Ctrl-C prints ``interrupted`` (how
+    to resume) and exits with 130. Any other exception is a bug and propagates.
+    """
+    try:
+        return action()
     except UserError as error:
-        exit_with(2, "error: " + " ".join(str(error).splitlines()))
+        exit_with(2, "error: " + " ".join(str(error).splitlines()), prog)
     except KeyboardInterrupt:
-        again = (
-            f"the same torchrun command again to resume (its processes ran: {command})"
-            if ddp.launched_by_torchrun()
-            else f"the same command again to resume:\n  {command}"
-        )
-        exit_with(130, f"interrupted. Finished units and completed epochs are kept; run {again}")
+        exit_with(130, interrupted, prog)
 
 
 def exit_with(status: int, message: str, prog: str = "benchmarks.run") -> NoReturn:

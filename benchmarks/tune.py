@@ -65,13 +65,7 @@ import yaml
 from optuna.trial import TrialState
 
 from benchmarks import run
-from benchmarks.config import (
-    ConfigError,
-    UserError,
-    apply_override,
-    load_config,
-    method_config,
-)
+from benchmarks.config import ConfigError, UserError, apply_override, load_config, method_config
 from benchmarks.run import write_atomic
 
 SPACE_TYPES = ("float", "int", "categorical")
@@ -775,10 +769,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     command = "python -m benchmarks.tune " + shlex.join(sys.argv[1:] if argv is None else argv)
     warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        config = load_config(args.config, args.overrides)
+    interrupted = "interrupted; finished trials are kept, run the same command again to resume"
+
+    def tune() -> dict[str, Any]:
         return search(
-            config,
+            load_config(args.config, args.overrides),
             args.out,
             methods=args.methods,
             trials=args.trials,
@@ -789,12 +784,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
             log=lambda message: print(message, flush=True),
             command=command,
         )
-    except UserError as error:
-        run.exit_with(2, "error: " + " ".join(str(error).splitlines()), prog="benchmarks.tune")
-    except KeyboardInterrupt:
-        message = "interrupted; finished trials are kept, run the same command again to resume"
-        message += f":\n  {command}"
-        run.exit_with(130, message, prog="benchmarks.tune")
+
+    return run.run_command("benchmarks.tune", tune, f"{interrupted}:\n  {command}")
 
 
 if __name__ == "__main__":

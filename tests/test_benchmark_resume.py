@@ -137,10 +137,10 @@ def _wait_for_marker(process: subprocess.Popen, unit: Path, seconds: float) -> N
         time.sleep(0.02)
 
 
-def _start(argv: list[str]) -> subprocess.Popen:
-    """``python -m benchmarks.run argv`` in the background, stderr piped."""
+def _start(argv: list[str], module: str = "benchmarks.run") -> subprocess.Popen:
+    """``python -m module argv`` in the background, stderr piped."""
     return subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.run", *argv],
+        [sys.executable, "-m", module, *argv],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.DEVNULL,

@@ -19,9 +19,6 @@ import json
 import os
 import signal
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -33,6 +30,7 @@ from pytorch_metric_learning import testers
 from benchmarks import run, tune
 from benchmarks.config import load_config, method_config, method_names
 from benchmarks.splits import mlrc_split
+from tests.test_benchmark_resume import _marker_epoch, _start, _wait_for_marker
 
 pytest_plugins = ["postgres_server"]
 
@@ -306,24 +304,11 @@ def test_search_uses_its_budget_prunes_and_writes_best_yaml(reference):
         assert (result["folder"] / name).is_file()
 
 
-def _marker_epoch(unit: Path) -> int:
-    try:
-        return json.loads((unit / run.RESUME / run.MARKER).read_text())["epoch"]
-    except (OSError, ValueError):
-        return 0
-
-
 @needs_omniglot
 def test_killed_search_resumes_to_the_uninterrupted_search(reference, tmp_path):
     out = tmp_path / "runs"
     argv = ["--config", str(_config_file(tmp_path)), "--out", str(out), "--no-progress"]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.tune", *argv],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    process = _start(argv, "benchmarks.tune")
     # Kill the last trial that trains past epoch 1 (one the pruner does not stop at once):
     # the trials after it must be proposed as if nothing had happened.
     target = max(
@@ -331,11 +316,7 @@ def test_killed_search_resumes_to_the_uninterrupted_search(reference, tmp_path):
     )
     killed_unit = out / TRIAL_FOLDERS / f"trial{target:04d}" / "seed0" / "fold0"
     try:
-        deadline = time.time() + 180
-        while _marker_epoch(killed_unit) < 1:
-            assert process.poll() is None, process.stderr.read().decode()[-2000:]
-            assert time.time() < deadline, f"trial {target} wrote no resume marker"
-            time.sleep(0.02)
+        _wait_for_marker(process, killed_unit, 180)
         process.send_signal(signal.SIGKILL)
     finally:
         process.kill()
