@@ -118,3 +118,31 @@ def test_timing_script_reads_the_first_command_and_rewrites_only_its_sentence(tm
     assert rewritten.startswith(before + time_readme.MARKERS[0] + "\nIt took 1.0 min.\n")
     assert rewritten.endswith(time_readme.MARKERS[1] + after.partition(time_readme.MARKERS[1])[2])
     assert rewritten.count("It took") == 1
+
+
+def test_timing_report_gives_mean_and_ci_over_runs():
+    from benchmarks import time_readme
+
+    def run(seconds):
+        steps = ["python3 -m venv .venv", "pip install", "benchmarks.run", "example"]
+        return {
+            "steps": [
+                {"command": c, "seconds": s, "load_before": [0.5], "load_after": [1.0]}
+                for c, s in zip(steps, seconds, strict=True)
+            ]
+        }
+
+    result = {
+        "commit": "abc",
+        "machine": "CPU, 2 CPUs",
+        "date": "today",
+        "runs": [run([6, 84, 60, 180]), run([6, 90, 66, 174]), run([6, 96, 72, 168])],
+    }
+    # command per run: 150, 162, 174 s -> 2.7 min ± t(2) * 12 s / sqrt(3) = 0.497 min;
+    # install 90, 96, 102 s, benchmark 60, 66, 72 s, example 180, 174, 168 s: ± 0.248 min
+    sentence = time_readme.readme_sentence(result)
+    assert "the first command took 2.7 ± 0.5 min wall-clock" in sentence
+    assert "1.6 ± 0.2 min to create the environment and install" in sentence
+    assert "1.1 ± 0.2 min for the benchmark" in sentence
+    assert "took 2.9 ± 0.2 min" in sentence and "over 3 runs" in sentence
+    assert "| `benchmarks.run` | 1.1 ± 0.2 min | [0.5] [0.5] [0.5] |" in time_readme.report(result)
