@@ -68,6 +68,29 @@ from benchmarks import run
 from benchmarks.config import ConfigError, UserError, apply_override, load_config, method_config
 from benchmarks.run import write_atomic
 
+__all__ = [
+    "OverBudget",
+    "SearchSpaceError",
+    "apply_params",
+    "best_config",
+    "best_trial",
+    "counted_trials",
+    "decode_params",
+    "main",
+    "make_objective",
+    "make_pruner",
+    "make_sampler",
+    "open_storage",
+    "report_search",
+    "requeue_dead_trials",
+    "search",
+    "search_space",
+    "suggest",
+    "trial_config",
+    "tune_method",
+    "unit_runner",
+]
+
 SPACE_TYPES = ("float", "int", "categorical")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 JOURNAL = "optuna.journal"
@@ -126,11 +149,12 @@ def search_space(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return checked
 
 
-def _encode(choice: Any) -> Any:
+def _encoded_choices(entry: Mapping[str, Any]) -> list[Any]:
     """Optuna's categorical values are scalars: other YAML values travel as JSON text."""
-    if choice is None or isinstance(choice, (bool, int, float, str)):
-        return choice
-    return json.dumps(choice)
+    return [
+        c if c is None or isinstance(c, (bool, int, float, str)) else json.dumps(c)
+        for c in entry["choices"]
+    ]
 
 
 def suggest(trial: optuna.Trial, space: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -138,7 +162,7 @@ def suggest(trial: optuna.Trial, space: Mapping[str, Mapping[str, Any]]) -> dict
     params: dict[str, Any] = {}
     for key, entry in space.items():
         if entry["type"] == "categorical":
-            encoded = [_encode(c) for c in entry["choices"]]
+            encoded = _encoded_choices(entry)
             value = trial.suggest_categorical(key, encoded)
             params[key] = entry["choices"][encoded.index(value)]
         else:
@@ -156,8 +180,7 @@ def decode_params(space: Mapping[str, Mapping[str, Any]], raw: Mapping[str, Any]
     for key, value in raw.items():
         entry = space.get(key)
         if entry is not None and entry["type"] == "categorical":
-            encoded = [_encode(c) for c in entry["choices"]]
-            value = entry["choices"][encoded.index(value)]
+            value = entry["choices"][_encoded_choices(entry).index(value)]
         params[key] = value
     return params
 
@@ -264,10 +287,6 @@ def requeue_dead_trials(study: optuna.Study) -> list[int]:
         alive.add(root)
         queued.append(root)
     return queued
-
-
-def finished_count(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
 def counted_trials(study: optuna.Study, budget: int) -> list[optuna.trial.FrozenTrial]:
@@ -392,25 +411,6 @@ def tune_method(
         study.optimize(objective, n_trials=1, catch=(OverBudget,))
         if on_trial is not None:
             on_trial(study)
-
-
-__all__ = [
-    "OverBudget",
-    "SearchSpaceError",
-    "apply_params",
-    "best_trial",
-    "counted_trials",
-    "decode_params",
-    "make_objective",
-    "make_pruner",
-    "make_sampler",
-    "open_storage",
-    "requeue_dead_trials",
-    "search_space",
-    "suggest",
-    "trial_config",
-    "tune_method",
-]
 
 
 def unit_runner(config: Mapping[str, Any], out: Path, device: Any, progress: bool) -> UnitRunner:
@@ -589,14 +589,6 @@ def _best_params(
 ) -> dict[str, Any]:
     trial = best_trial(study, budget)
     return {} if trial is None else decode_params(space, trial.params)
-
-
-def _nested(params: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}``: a partial config for :func:`deep_merge`."""
-    nested: dict[str, Any] = {}
-    for key, value in params.items():
-        apply_override(nested, key.split("."), value)
-    return nested
 
 
 def best_config(config: Mapping[str, Any], best: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
