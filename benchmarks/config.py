@@ -205,16 +205,20 @@ def deep_merge(
     dict whose ``type`` or ``name`` differs from the one it would merge into
     replaces it whole, so that a method switching ``embedder.type`` from
     ``GlobalPoolEmbedder`` to ``MultiHeadCRT`` does not inherit ``pooling``
-    among its kwargs, nor a new optimizer the old one's kwargs.
+    among its kwargs, nor a new optimizer the old one's kwargs. Without it (how a
+    config merges onto ``DEFAULTS``), such a dict keeps the base's other keys but
+    never its ``kwargs``, which belong to the class the base named (a ``pruner:
+    {name: none}`` does not inherit the median pruner's arguments).
     """
     merged = copy.deepcopy(dict(base))
     for key, value in override.items():
         old = merged.get(key)
-        if (
-            isinstance(value, Mapping)
-            and isinstance(old, Mapping)
-            and not (replace_on_kind_change and _switches_kind(old, value))
-        ):
+        if isinstance(value, Mapping) and isinstance(old, Mapping) and _switches_kind(old, value):
+            if replace_on_kind_change:
+                merged[key] = copy.deepcopy(value)
+                continue
+            old = {k: v for k, v in old.items() if k != "kwargs"}
+        if isinstance(value, Mapping) and isinstance(old, Mapping):
             merged[key] = deep_merge(old, value, replace_on_kind_change)
         else:
             merged[key] = copy.deepcopy(value)

@@ -57,7 +57,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from itertools import product
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import optuna
 import tqdm
@@ -67,6 +67,7 @@ from optuna.trial import TrialState
 from benchmarks import run
 from benchmarks.config import ConfigError, UserError, apply_override, load_config, method_config
 from benchmarks.run import write_atomic
+from pml_crt.utils.validation import NonFiniteError
 
 __all__ = [
     "OverBudget",
@@ -326,6 +327,12 @@ class OverBudget(Exception):
 UnitRunner = Callable[[Mapping[str, Any], int, int, Path, Callable[[int, float], None]], dict]
 
 
+def _stop_diverged(trial: optuna.Trial, reason: str) -> NoReturn:
+    """End a trial whose training diverged as pruned: a hopeless setting, counted in the budget."""
+    trial.set_user_attr("diverged", reason)
+    raise optuna.TrialPruned(f"diverged ({reason})")
+
+
 def make_objective(
     method: Mapping[str, Any],
     space: Mapping[str, Mapping[str, Any]],
@@ -370,8 +377,13 @@ def make_objective(
             where = f"seed {seed} fold {fold}"
             on_validation = _pruning_reporter(trial, index * epochs, where, set(reported))
             unit = folder / f"trial{root:04d}" / f"seed{seed}" / f"fold{fold}"
-            result = run_unit(config, int(seed), int(fold), unit, on_validation)
+            try:
+                result = run_unit(config, int(seed), int(fold), unit, on_validation)
+            except NonFiniteError as error:
+                _stop_diverged(trial, f"{where}: {error}")
             values.append(float(result["val"][primary]))
+            if not math.isfinite(values[-1]):
+                _stop_diverged(trial, f"{where}: validation {primary} is {values[-1]}")
         return math.fsum(values) / len(values)
 
     return objective
@@ -694,23 +706,34 @@ def report_search(
         f"Machine: {env['processor']}, {env['cpu_count']} CPUs; commit `{env['git_commit']}`; "
         f"{env['started']}.  ",
         f"Budget: {budget} trials per method (complete or pruned; an attempt that died is run "
-        "again from its resume point, not counted twice). Objective: mean validation "
+        "again from its resume point, not counted twice; a trial whose training diverged to "
+        "NaN ends as pruned). Objective: mean validation "
         f"{config['eval']['primary_metric']} over folds {tune['folds']} and seeds "
         f"{tune['seeds']}; the test classes were never embedded. Sampler: Optuna TPE, seed "
         f"{tune['seed']} plus the trial's index; pruner: {tune['pruner']}.",
         "",
-        "| method | trials (complete + pruned) | best validation MAP@R | best trial "
-        "| best parameters |",
-        "|---|---|---|---|---|",
+        "| method | trials (complete + pruned) | trial time, summed | best validation MAP@R "
+        "| best trial | best parameters |",
+        "|---|---|---|---|---|---|",
     ]
     for method, study in studies.items():
         counted = counted_trials(study, budget)
         pruned = sum(t.state == TrialState.PRUNED for t in counted)
+        diverged = sum("diverged" in t.user_attrs for t in counted)
+        minutes = (
+            sum(
+                (t.datetime_complete - t.datetime_start).total_seconds()
+                for t in study.get_trials(deepcopy=False)
+                if t.datetime_complete is not None and t.datetime_start is not None
+            )
+            / 60
+        )
         trial = best_trial(study, budget)
         value = "-" if trial is None else f"{100 * trial.value:.2f}"
         params = ", ".join(f"`{k}` = `{json.dumps(v)}`" for k, v in best[method].items())
         lines.append(
-            f"| {method} | {len(counted) - pruned} + {pruned} | {value} | "
+            f"| {method} | {len(counted) - pruned} + {pruned}"
+            f"{f' ({diverged} diverged)' if diverged else ''} | {minutes:.1f} min | {value} | "
             f"{'-' if trial is None else trial.number} | {params or '-'} |"
         )
     lines += ["", "## Search spaces", "", "| method | key | space |", "|---|---|---|"]

@@ -237,7 +237,7 @@ def test_bad_input_raises_clear_errors():
         spectral_decay(torch.randn(6))
     with pytest.raises(ValueError, match="embeddings must be a 2-D"):
         embedding_density(torch.randn(6), torch.arange(6) % 2)
-    with pytest.raises(ValueError, match="embeddings contain NaN"):
+    with pytest.raises(ValueError, match="embeddings contains NaN"):
         spectral_decay(torch.tensor([[1.0, float("nan")]]))
     with pytest.raises(ValueError, match="embeddings are all zero"):
         spectral_decay(torch.zeros(4, 3))

@@ -30,6 +30,7 @@ from pytorch_metric_learning import testers
 from benchmarks import run, tune
 from benchmarks.config import load_config, method_config, method_names
 from benchmarks.splits import mlrc_split
+from pml_crt.utils.validation import NonFiniteError
 from tests.test_benchmark_resume import _marker_epoch, _start, _wait_for_marker
 
 pytest_plugins = ["postgres_server"]
@@ -240,6 +241,34 @@ def test_trials_below_the_median_are_pruned_and_not_rerun(tmp_path):
             assert trial.value == 3 * lr
             complete.append(lr)
     assert len(complete) < 6, "nothing was pruned: the test checks nothing"
+
+
+def test_a_diverged_trial_ends_pruned_and_counts_in_the_budget(tmp_path):
+    """Training that turns NaN (an embedder's finite check, or a NaN metric) is a hopeless trial."""
+    space = {"optimizers.default.kwargs.lr": {"type": "float", "low": 0.0, "high": 1.0}}
+    config = load_config(
+        data={"search_space": space, "tune": {"trials": 4, "pruner": {"name": "none"}}}
+    )
+
+    def stub_unit(unit_config, seed, fold, folder, on_validation):
+        lr = unit_config["optimizers"]["default"]["kwargs"]["lr"]
+        if lr > 0.6:
+            raise NonFiniteError("x contains NaN or infinite values")
+        return {"val": {"mean_average_precision_at_r": float("nan") if lr > 0.3 else lr}}
+
+    storage = tune.open_storage(str(tmp_path / "journal"))
+    study = tune.tune_method(config, "GlobalPoolEmbedder", storage, tmp_path, stub_unit, 4)
+    trials = tune.counted_trials(study, 4)
+    assert len(trials) == 4 == len(study.trials)
+    for trial in trials:
+        lr = trial.params["optimizers.default.kwargs.lr"]
+        if lr > 0.3:
+            assert trial.state == TrialState.PRUNED
+            reason = "x contains NaN" if lr > 0.6 else "mean_average_precision_at_r is nan"
+            assert reason in trial.user_attrs["diverged"]
+        else:
+            assert trial.state == TrialState.COMPLETE and trial.value == lr
+    assert any("diverged" in t.user_attrs for t in trials), "seed gave no diverged trial"
 
 
 # --------------------------------------------------------------------------- searches

@@ -23,6 +23,8 @@ import math
 import torch
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
+from .validation import check_finite
+
 __all__ = ["AnalysisAccuracyCalculator", "embedding_density", "spectral_decay"]
 
 #: Default largest number of float64 entries in one working block (128 MiB).
@@ -40,8 +42,7 @@ def _check_embeddings(embeddings: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"embeddings must be non-empty, got shape {tuple(embeddings.shape)}")
     if not embeddings.is_floating_point():
         embeddings = embeddings.double()
-    if not bool(torch.isfinite(embeddings).all()):
-        raise ValueError("embeddings contain NaN or infinite values")
+    check_finite(embeddings, "embeddings")
     return embeddings
 
 

@@ -14,6 +14,10 @@ from collections.abc import Sequence
 import torch
 
 
+class NonFiniteError(ValueError):
+    """A tensor that must be finite holds NaN or infinite values (training diverged)."""
+
+
 def check_tensor(x: object, name: str) -> torch.Tensor:
     """Raise ``TypeError`` unless ``x`` is a floating-point tensor."""
     if not isinstance(x, torch.Tensor):
@@ -84,14 +88,14 @@ def is_graph_capture() -> bool:
 
 
 def check_finite(x: torch.Tensor, name: str) -> None:
-    """Raise ``ValueError`` if ``x`` holds NaN or infinite values (not checked during export)."""
+    """Raise :class:`NonFiniteError` if ``x`` holds NaN or infinite values (not during export)."""
     if is_graph_capture() or x.numel() == 0:
         return
     # min and max are NaN when any value is, and infinite when any value is: one
     # reduction pass, several times faster than materialising isfinite(x).
     low, high = torch.aminmax(x.detach())
     if not bool(torch.isfinite(low) & torch.isfinite(high)):
-        raise ValueError(f"{name} contains NaN or infinite values")
+        raise NonFiniteError(f"{name} contains NaN or infinite values")
 
 
 def check_input_dtype(x: torch.Tensor, dtype: torch.dtype, name: str = "x") -> None:
