@@ -19,7 +19,7 @@ import torchvision
 from pytorch_metric_learning import distances, losses, miners, reducers, regularizers
 
 import pml_crt
-from pml_crt.losses import MultiHeadLoss
+from pml_crt.losses import MultiHeadLoss, PrototypeRegularizedLoss
 from pml_crt.models import CRT, GlobalPoolEmbedder, MultiHeadCRT, NetVLAD
 from pml_crt.trunks import FeatureMapTrunk, SmallConvNet, available_trunks, feature_map_trunk
 
@@ -50,7 +50,10 @@ _OBJECT_KWARGS = {
     "reducer": (reducers,),
     "embedding_regularizer": (regularizers, pml_crt.regularizers),
     "weight_regularizer": (regularizers, pml_crt.regularizers),
+    "prototype_regularizer": (regularizers, pml_crt.regularizers),
 }
+# Loss kwargs that are not the loss class's: they wrap the loss in PrototypeRegularizedLoss.
+_PROTOTYPE_KWARGS = ("prototype_regularizer", "prototype_reg_weight")
 
 
 def _lookup(name: str, modules: tuple[Any, ...], what: str) -> Any:
@@ -198,9 +201,18 @@ def build_loss(
     ``loss.name`` is a class of ``pytorch_metric_learning.losses`` (or
     ``pml_crt.losses``); ``num_classes`` and ``embedding_size`` are filled in
     when the class takes them and ``loss.kwargs`` does not set them. Kwargs
-    ``distance``, ``reducer``, ``embedding_regularizer`` and
-    ``weight_regularizer`` may be ``{name, kwargs}`` specs. ``miner`` is
-    ``None`` or a ``{name, kwargs}`` spec of ``pytorch_metric_learning.miners``.
+    ``distance``, ``reducer``, ``embedding_regularizer``,
+    ``weight_regularizer`` and ``prototype_regularizer`` may be ``{name,
+    kwargs}`` specs. ``miner`` is ``None`` or a ``{name, kwargs}`` spec of
+    ``pytorch_metric_learning.miners``.
+
+    ``loss.kwargs.prototype_regularizer`` and ``loss.kwargs.prototype_reg_weight``
+    (named after PML's ``embedding_regularizer``/``embedding_reg_weight``) are
+    not given to the loss class: with either, the finished loss is wrapped in
+    :class:`pml_crt.losses.PrototypeRegularizedLoss` on the embedder's CRT
+    prototypes (default regularizer: ``PrototypeDiversityRegularizer``, the
+    diversity penalty), so the term is part of the trainer's metric loss. It
+    needs a ``CRT`` or ``MultiHeadCRT`` embedder.
 
     With a :class:`MultiHeadCRT` embedder the loss is
     ``MultiHeadLoss(factory, embedder.embedding_sizes, consistency_weight=...,
@@ -214,6 +226,7 @@ def build_loss(
     for key, modules in _OBJECT_KWARGS.items():
         if isinstance(kwargs.get(key), (Mapping, str)):
             kwargs[key] = _object(kwargs[key], modules, key)
+    prototype_kwargs = {key: kwargs.pop(key) for key in _PROTOTYPE_KWARGS if key in kwargs}
     miner = None
     if config.get("miner"):
         miner = _object(config["miner"], (miners,), "miner")
@@ -236,9 +249,26 @@ def build_loss(
             miner=miner,
             head_weights=loss_config.get("head_weights"),
         )
-        return {"metric_loss": loss}, {}
-    loss = make(int(embedder.embedding_size))
+        return {"metric_loss": _regularize_prototypes(loss, embedder, prototype_kwargs)}, {}
+    loss = _regularize_prototypes(make(int(embedder.embedding_size)), embedder, prototype_kwargs)
     return {"metric_loss": loss}, ({"tuple_miner": miner} if miner is not None else {})
+
+
+def _regularize_prototypes(
+    loss: torch.nn.Module, embedder: torch.nn.Module, kwargs: Mapping[str, Any]
+) -> torch.nn.Module:
+    """``loss``, or ``PrototypeRegularizedLoss(loss, embedder, **kwargs)`` when kwargs are set."""
+    if not kwargs:
+        return loss
+    if not any(isinstance(m, CRT) for m in embedder.modules()):
+        raise ConfigError(
+            f"loss.kwargs {sorted(kwargs)} regularize CRT prototypes: they need a CRT or "
+            f"MultiHeadCRT embedder, not {type(embedder).__name__}"
+        )
+    try:
+        return PrototypeRegularizedLoss(loss, embedder, **kwargs)
+    except ValueError as error:
+        raise ConfigError(f"loss.kwargs: {error}") from error
 
 
 def _optimizer(

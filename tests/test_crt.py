@@ -8,6 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pml_crt.models import CRT, MultiHeadCRT
+from pml_crt.models.input_projection import InputProjection, project_jointly
 
 OPTIONS = list(
     itertools.product(
@@ -254,70 +255,103 @@ def test_largest_intermediate_grows_linearly_in_prototypes():
     assert sizes[1] <= 4 * sizes[0] + 1
 
 
-def test_diversity_penalty_value_and_gradient():
+def test_diversity_penalty_value():
     torch.manual_seed(5)
-    module = CRT(4, 3, 3, projection_dim=0, prototype_init="normal", diversity_weight=0.5)
+    module = CRT(4, 3, 3, projection_dim=0, prototype_init="normal")
     P = module.prototypes.detach()
     unit = [P[k] / P[k].norm() for k in range(3)]
     expected = sum(float(_dot(unit[a], unit[b])) ** 2 for a in range(3) for b in range(3) if a != b)
     expected /= 6
     assert module.diversity_penalty().item() == pytest.approx(expected, rel=1e-5)
 
-    x = torch.randn(2, 4, 2, 2)
-    module(x).sum().backward()
-    with_penalty = module.prototypes.grad.clone()
-    module.zero_grad()
-    module.diversity_weight = 0.0
-    module(x).sum().backward()
-    without = module.prototypes.grad.clone()
-    penalty_grad = torch.autograd.grad(module.diversity_penalty(), module.prototypes)[0]
-    torch.testing.assert_close(with_penalty - without, 0.5 * penalty_grad)
-    assert module.last_diversity_penalty == pytest.approx(expected, rel=1e-5)
-
-
-def _prototype_gradients(module: torch.nn.Module, x: torch.Tensor, weight: float) -> list:
-    """Every head's prototype gradient of ``module(x).sum()`` with ``diversity_weight=weight``."""
-    heads = list(module.heads) if isinstance(module, MultiHeadCRT) else [module]
-    for head in heads:
-        head.diversity_weight = weight
-    module.zero_grad()
-    module(x).sum().backward()
-    return [head.prototypes.grad.clone() for head in heads]
-
 
 @pytest.mark.parametrize(
     "build",
     [
-        lambda: CRT(4, 3, 3, projection_dim=0, prototype_init="normal"),
-        lambda: MultiHeadCRT(4, [(3, 3), (2, 2)], eval_output="concat", prototype_init="normal"),
+        lambda **kw: CRT(4, 3, 3, projection_dim=0, prototype_init="normal", **kw),
+        lambda **kw: MultiHeadCRT(
+            4, [(3, 3), (2, 2)], eval_output="concat", prototype_init="normal", **kw
+        ),
     ],
     ids=["CRT", "MultiHeadCRT"],
 )
-def test_diversity_gradient_in_training_mode_only(build):
-    """In eval mode the loss's gradient reaches the prototypes unchanged; in training mode
-    it gains diversity_weight times the penalty's gradient."""
+def test_diversity_weight_is_deprecated_and_adds_no_gradient(build):
+    """``diversity_weight`` warns and changes nothing: the penalty is an explicit term."""
     torch.manual_seed(7)
-    module = build().double()
+    plain = build().double().train()
+    with pytest.warns(FutureWarning, match=r"diversity_penalty\(\)"):
+        weighted = build(diversity_weight=0.5).double().train()
+    weighted.load_state_dict(plain.state_dict())
+    heads = list(weighted.heads) if isinstance(weighted, MultiHeadCRT) else [weighted]
+    assert all(head.diversity_weight == 0.5 for head in heads)
     x = torch.randn(2, 4, 2, 2, dtype=torch.float64)
-    heads = list(module.heads) if isinstance(module, MultiHeadCRT) else [module]
-    penalty_grads = [
-        torch.autograd.grad(head.diversity_penalty(), head.prototypes)[0] for head in heads
+    plain(x).sum().backward()
+    weighted(x).sum().backward()
+    for a, b in zip(plain.parameters(), weighted.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_no_warning_without_diversity_weight(recwarn):
+    CRT(4, 3, 3)
+    MultiHeadCRT(4, [(3, 3), (2, 2)], diversity_weight=0.0)
+    assert not [w for w in recwarn if issubclass(w.category, FutureWarning)]
+
+
+def test_public_steps_compose_to_forward():
+    torch.manual_seed(8)
+    module = CRT(6, 5, 3, projection_dim=4).double()
+    _randomise(module)
+    x = torch.randn(2, 6, 3, 2, dtype=torch.float64)
+    features = module.project(x)
+    assert features.shape == (2, 6, 4)
+    coded = module.encode_projected(features)
+    assert coded.shape == (2, 3, 4)
+    torch.testing.assert_close(coded.norm(dim=-1), torch.ones(2, 3, dtype=torch.float64))
+    torch.testing.assert_close(module.encode(x), coded, rtol=0, atol=0)
+    torch.testing.assert_close(module.coded_residuals(x), coded, rtol=0, atol=0)
+    assert module.embed(coded).shape == (2, 5)
+    torch.testing.assert_close(module(x), module.embed(coded), rtol=0, atol=0)
+    assert module.projection.linear is module.projection[0]
+    assert module.projection.norm is module.projection[1]
+
+
+def test_state_dict_keys_are_unchanged():
+    """Checkpoints saved with the ``Sequential(Linear, LayerNorm)`` projection still load."""
+    module = CRT(6, 5, 3, projection_dim=4)
+    shapes = {
+        "prototypes": (3, 4),
+        "raw_temperature": (),
+        "projection.0.weight": (4, 6),
+        "projection.0.bias": (4,),
+        "projection.1.weight": (4,),
+        "projection.1.bias": (4,),
+        "fuse.weight": (5, 12),
+        "fuse.bias": (5,),
+    }
+    old_style = {name: torch.randn(shape) for name, shape in shapes.items()}
+    module.load_state_dict(old_style, strict=True)
+    assert {k: tuple(v.shape) for k, v in module.state_dict().items()} == shapes
+    torch.testing.assert_close(module.projection.linear.weight, old_style["projection.0.weight"])
+    multi = MultiHeadCRT(6, [(3, 5), (2, 4)], projection_dim=4)
+    assert "heads.1.projection.1.bias" in multi.state_dict()
+
+
+def test_project_jointly_equals_each_projection():
+    torch.manual_seed(9)
+    projections = [
+        InputProjection(6, 4),
+        torch.nn.Identity(),
+        InputProjection(6, 3),
+        torch.nn.Linear(6, 2),
+        InputProjection(6, 5),
     ]
-    assert all(torch.count_nonzero(g) == g.numel() for g in penalty_grads)
-
-    module.eval()
-    for with_penalty, without in zip(
-        _prototype_gradients(module, x, 0.5), _prototype_gradients(module, x, 0.0), strict=True
-    ):
-        assert torch.equal(with_penalty, without)
-    assert all(head.last_diversity_penalty == 0.0 for head in heads)
-
-    module.train()
-    with_penalty = _prototype_gradients(module, x, 0.5)
-    without = _prototype_gradients(module, x, 0.0)
-    for a, b, penalty_grad in zip(with_penalty, without, penalty_grads, strict=True):
-        # a - b cancels gradients of a few units: float64 rounding of order 1e-15.
-        torch.testing.assert_close(a - b, 0.5 * penalty_grad, rtol=1e-12, atol=1e-12)
+    for projection in projections:
+        _randomise(projection)
+    tokens = torch.randn(2, 7, 6)
+    joint = project_jointly(projections, tokens)
+    assert [tuple(f.shape) for f in joint] == [(2, 7, d) for d in (4, 6, 3, 2, 5)]
+    for got, projection in zip(joint, projections, strict=True):
+        torch.testing.assert_close(got, projection(tokens), rtol=1e-5, atol=1e-6)
 
 
 def test_orthogonal_prototypes_have_zero_penalty():

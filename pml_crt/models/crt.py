@@ -7,11 +7,17 @@ choice is a keyword option here. The defaults (soft assignment over
 prototypes, orthogonal residual, ``"flatten"`` fusion, no diversity penalty)
 come from an ablation on Omniglot validation classes with Multi-Similarity:
 no alternative did better, and ``"sum"`` fusion did worse.
+
+The prototype diversity penalty is an explicit loss term: add
+``weight * model.diversity_penalty()`` to the loss, or use
+:class:`pml_crt.regularizers.PrototypeDiversityRegularizer` (through
+:class:`pml_crt.losses.PrototypeRegularizedLoss` with PML's trainers).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Literal
 
 import torch
@@ -26,6 +32,8 @@ from ..utils.validation import (
 )
 from .input_projection import input_projection
 
+__all__ = ["CRT", "prototype_diversity_losses", "prototype_diversity_penalty"]
+
 Assignment = Literal["prototypes", "positions"]
 Residual = Literal["orthogonal", "prototype"]
 Fusion = Literal["flatten", "sum"]
@@ -34,34 +42,32 @@ PrototypeInit = Literal["orthogonal", "normal"]
 _EPS = 1e-12
 
 
-class _AddPenaltyGradient(torch.autograd.Function):
-    """Identity on ``output`` whose backward also sends ``weight`` into ``penalty``.
+def prototype_diversity_losses(prototypes: torch.Tensor) -> torch.Tensor:
+    """Per-prototype diversity terms of ``prototypes`` ``(K, d)``; shape ``(K,)``.
 
-    This adds ``weight * penalty`` to whatever loss is back-propagated through
-    ``output``, without the loss function having to know about it.
+    Entry ``k`` is ``sum_{j != k} cos(p_k, p_j)^2 / (K - 1)``: the mean squared
+    cosine similarity of prototype ``k`` with the others. With ``K < 2`` there
+    are no pairs and every entry is 0. Their mean is
+    :func:`prototype_diversity_penalty`.
     """
-
-    @staticmethod
-    def forward(ctx, output: torch.Tensor, penalty: torch.Tensor, weight: float) -> torch.Tensor:
-        ctx.weight = weight
-        ctx.penalty_shape = penalty.shape
-        return output.view_as(output)
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        grad_penalty = grad_output.new_full(ctx.penalty_shape, ctx.weight)
-        return grad_output, grad_penalty, None
+    num_prototypes = prototypes.shape[0]
+    if num_prototypes < 2:
+        return prototypes.new_zeros(num_prototypes)
+    unit = F.normalize(prototypes, dim=1, eps=_EPS)
+    gram = unit @ unit.t()  # (K, K)
+    off_diagonal = gram - torch.eye(num_prototypes, dtype=gram.dtype, device=gram.device)
+    return off_diagonal.pow(2).sum(dim=1) / (num_prototypes - 1)
 
 
 def prototype_diversity_penalty(prototypes: torch.Tensor) -> torch.Tensor:
-    """Mean squared off-diagonal cosine similarity of ``prototypes`` ``(K, d)``; a scalar."""
-    num_prototypes = prototypes.shape[0]
-    if num_prototypes < 2:
+    """Mean squared off-diagonal cosine similarity of ``prototypes`` ``(K, d)``; a scalar.
+
+    ``sum_{k != j} cos(p_k, p_j)^2 / (K (K - 1))``, 0 for ``K < 2``: the mean
+    of :func:`prototype_diversity_losses`.
+    """
+    if prototypes.shape[0] < 2:
         return prototypes.new_zeros(())
-    unit = F.normalize(prototypes, dim=1, eps=_EPS)
-    gram = unit @ unit.t()
-    off_diagonal = gram - torch.eye(num_prototypes, dtype=gram.dtype, device=gram.device)
-    return off_diagonal.pow(2).sum() / (num_prototypes * (num_prototypes - 1))
+    return prototype_diversity_losses(prototypes).mean()
 
 
 class CRT(ModuleWithRecords):
@@ -77,6 +83,21 @@ class CRT(ModuleWithRecords):
     ``r_nk = x_n - p_k``) or ``sum_n a_nk <x_n, p̂_k>`` with ``P̂`` in place of
     ``P`` (``residual="orthogonal"``, so ``r_nk = x_n - <x_n, p̂_k> p̂_k``).
     Memory is ``O(B*N*K + B*K*d)``.
+
+    ``forward(x)`` is ``embed(encode(x))``; ``encode(x)`` is
+    ``encode_projected(project(x))``. These public steps, the input projection
+    :attr:`projection` and :meth:`diversity_penalty` are the API that
+    :class:`~pml_crt.models.MultiHeadCRT` builds on.
+
+    Attributes:
+        projection: the input projection, an
+            :class:`~pml_crt.models.input_projection.InputProjection`
+            (``Linear(C, d)`` + ``LayerNorm(d)``), or ``Identity`` when
+            ``projection_dim=0``; state-dict keys ``projection.0.*`` and
+            ``projection.1.*``.
+        prototypes: the ``(K, d)`` prototype matrix ``P``, a parameter.
+        fuse: the fusion ``Linear``, ``K*d -> D`` (``"flatten"``) or ``d -> D``
+            (``"sum"``).
 
     Args:
         in_channels: ``C``, the trunk's channel count.
@@ -96,9 +117,13 @@ class CRT(ModuleWithRecords):
             ``D`` with one Linear; ``"sum"`` applies one shared Linear ``d -> D``
             to every prototype's coded residual and sums over prototypes.
         prototype_init: ``"orthogonal"`` (diversified) or ``"normal"``.
-        diversity_weight: when > 0, ``diversity_weight * diversity_penalty()``
-            is added to any loss back-propagated through the output in
-            training mode.
+        diversity_weight: deprecated and without effect on training. A value
+            other than 0 emits a ``FutureWarning`` and is only stored as the
+            ``diversity_weight`` attribute. (It used to add the penalty's
+            gradient inside the backward, which a ``GradScaler`` scale or a
+            ``loss / steps`` of gradient accumulation did not reach.) Add the
+            term to the loss instead: ``loss + w * model.diversity_penalty()``,
+            or ``PrototypeRegularizedLoss(loss, model, prototype_reg_weight=w)``.
         check_inputs: reject non-finite inputs (one reduction per forward).
     """
 
@@ -135,6 +160,16 @@ class CRT(ModuleWithRecords):
                 f"temperature_bounds={temperature_bounds}"
             )
         check_number(diversity_weight, "diversity_weight", at_least=0.0)
+        if diversity_weight != 0:
+            warnings.warn(
+                "CRT(diversity_weight=...) is deprecated and has no effect: the diversity "
+                "penalty is no longer added to the gradient behind the loss's back. Add it "
+                "to the loss explicitly, `loss = loss + w * model.diversity_penalty()`, or "
+                "wrap the loss: `pml_crt.losses.PrototypeRegularizedLoss(loss, model, "
+                "prototype_reg_weight=w)`",
+                FutureWarning,
+                stacklevel=2,
+            )
 
         self.projection, projection_dim = input_projection(in_channels, projection_dim)
         if residual == "orthogonal" and projection_dim == 1:
@@ -166,7 +201,6 @@ class CRT(ModuleWithRecords):
             self.fuse = torch.nn.Linear(num_prototypes * projection_dim, embedding_size)
         else:
             self.fuse = torch.nn.Linear(projection_dim, embedding_size)
-        self.last_diversity_penalty = 0.0
         self.reset_prototypes()
         self.add_to_recordable_attributes(
             list_of_names=[
@@ -174,8 +208,6 @@ class CRT(ModuleWithRecords):
                 "embedding_size",
                 "projection_dim",
                 "temperature_value",
-                "diversity_weight",
-                "last_diversity_penalty",
             ],
             is_stat=False,
         )
@@ -200,25 +232,53 @@ class CRT(ModuleWithRecords):
         return float(self.temperature.detach())
 
     def diversity_penalty(self) -> torch.Tensor:
-        """Mean squared off-diagonal cosine similarity of the prototypes; a scalar."""
+        """Mean squared off-diagonal cosine similarity of the prototypes; a scalar.
+
+        Differentiable with respect to :attr:`prototypes`: add
+        ``weight * diversity_penalty()`` to the loss to diversify them. Equals
+        ``PrototypeDiversityRegularizer()(self.prototypes)``.
+        """
         return prototype_diversity_penalty(self.prototypes)
 
-    def coded_residuals(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-prototype L2-normalised coded residuals.
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Check ``x``, flatten it to tokens and apply the input projection.
 
         Args:
-            x: ``(B, C, H, W)`` or ``(B, N, C)``.
+            x: ``(B, C, H, W)`` feature map or ``(B, N, C)`` token sequence
+                (``N = H * W``, row-major).
 
         Returns:
-            ``(B, K, d)``.
+            ``(B, N, d)`` projected features ``X``.
         """
         tokens = feature_map_to_tokens(
             x, self.in_channels, "x", self.check_inputs, self.prototypes.dtype
         )
-        return self._code(self.projection(tokens))
+        return self.projection(tokens)
 
-    def _code(self, features: torch.Tensor) -> torch.Tensor:
-        """Coded residuals ``(B, K, d)`` of projected features ``(B, N, d)``."""
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-prototype L2-normalised coded residuals of a feature map.
+
+        Args:
+            x: ``(B, C, H, W)`` feature map or ``(B, N, C)`` token sequence.
+
+        Returns:
+            ``(B, K, d)`` coded residuals ``E``, each row of unit norm.
+        """
+        return self.encode_projected(self.project(x))
+
+    def coded_residuals(self, x: torch.Tensor) -> torch.Tensor:
+        """The same as :meth:`encode`: ``(B, C, H, W)`` or ``(B, N, C)`` to ``(B, K, d)``."""
+        return self.encode(x)
+
+    def encode_projected(self, features: torch.Tensor) -> torch.Tensor:
+        """Coded residuals of already projected features (:meth:`project`'s output).
+
+        Args:
+            features: ``(B, N, d)``.
+
+        Returns:
+            ``(B, K, d)`` coded residuals ``E``, each row of unit norm.
+        """
         unit_prototypes = F.normalize(self.prototypes, dim=1, eps=_EPS)  # (K, d)
         projections = features @ unit_prototypes.t()  # (B, N, K): <x_n, p̂_k>
         norms = features.norm(dim=-1, keepdim=True).clamp_min(_EPS)  # (B, N, 1)
@@ -234,20 +294,21 @@ class CRT(ModuleWithRecords):
             coded = weighted_sum - coefficients.unsqueeze(-1) * unit_prototypes
         return F.normalize(coded, dim=-1, eps=_EPS)
 
-    def _embed(self, coded: torch.Tensor) -> torch.Tensor:
-        """Fuse coded residuals ``(B, K, d)`` to ``(B, D)`` (plus the diversity gradient)."""
+    def embed(self, coded: torch.Tensor) -> torch.Tensor:
+        """Fuse coded residuals into embeddings with :attr:`fuse`.
+
+        Args:
+            coded: ``(B, K, d)``, e.g. :meth:`encode`'s output.
+
+        Returns:
+            ``(B, embedding_size)`` embeddings (not normalised).
+        """
         if self.fusion == "flatten":
-            embeddings = self.fuse(coded.flatten(1))
-        else:
-            embeddings = self.fuse(coded).sum(dim=1)
-        if self.diversity_weight > 0 and self.training and torch.is_grad_enabled():
-            penalty = self.diversity_penalty()
-            self.last_diversity_penalty = float(penalty.detach())
-            embeddings = _AddPenaltyGradient.apply(embeddings, penalty, self.diversity_weight)
-        return embeddings
+            return self.fuse(coded.flatten(1))
+        return self.fuse(coded).sum(dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Embed a feature map.
+        """Embed a feature map: ``embed(encode(x))``.
 
         Args:
             x: ``(B, C, H, W)`` feature map or ``(B, N, C)`` token sequence,
@@ -259,7 +320,7 @@ class CRT(ModuleWithRecords):
             ``(B, embedding_size)`` embeddings (not normalised; PML's distances
             and testers normalise).
         """
-        return self._embed(self.coded_residuals(x))
+        return self.embed(self.encode(x))
 
     def extra_repr(self) -> str:
         return (

@@ -7,11 +7,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pytorch_metric_learning.utils.module_with_records import ModuleWithRecords
 
 from ..utils.validation import check_choice, feature_map_to_tokens
 from .crt import CRT
+from .input_projection import project_jointly
 
 HeadSpec = tuple[int, int] | Mapping[str, Any]
 EvalOutput = Literal["primary", "concat"]
@@ -78,6 +78,14 @@ class MultiHeadCRT(ModuleWithRecords):
             return sum(self.embedding_sizes)
         return self.embedding_sizes[0]
 
+    def diversity_penalty(self) -> torch.Tensor:
+        """The sum over heads of :meth:`CRT.diversity_penalty`; a differentiable scalar.
+
+        Add ``weight * diversity_penalty()`` to the loss to diversify every
+        head's prototypes.
+        """
+        return torch.stack([head.diversity_penalty() for head in self.heads]).sum()
+
     def __getattr__(self, name: str) -> Any:
         """``head{i}_{attribute}`` (the recorded head attributes), else ``Module``'s lookup.
 
@@ -103,7 +111,9 @@ class MultiHeadCRT(ModuleWithRecords):
         input is checked and flattened to tokens once, and the heads' input
         projections (``Linear(C, d_h)``) run as one matrix product with the
         weights stacked, ``(B*N, C) @ (C, sum_h d_h)``, before each head's
-        LayerNorm. The result equals running every head on its own.
+        LayerNorm (:func:`~pml_crt.models.input_projection.project_jointly`);
+        then each head runs ``embed(encode_projected(features))``. The result
+        equals running every head on its own.
 
         Args:
             x: ``(B, C, H, W)`` feature map or ``(B, N, C)`` token sequence,
@@ -120,36 +130,14 @@ class MultiHeadCRT(ModuleWithRecords):
         check = any(head.check_inputs for head in self.heads)
         dtype = self.heads[0].prototypes.dtype  # module.to(dtype) converts every head
         tokens = feature_map_to_tokens(x, self.in_channels, "x", check, dtype)
-        features = _project_all(self.heads, tokens)
+        features = project_jointly([head.projection for head in self.heads], tokens)
         return torch.cat(
-            [head._embed(head._code(f)) for head, f in zip(self.heads, features, strict=True)],
+            [
+                head.embed(head.encode_projected(f))
+                for head, f in zip(self.heads, features, strict=True)
+            ],
             dim=1,
         )
-
-
-def _stackable(projection: torch.nn.Module) -> bool:
-    """Whether a CRT input projection is ``Sequential(Linear with bias, norm)``."""
-    return (
-        isinstance(projection, torch.nn.Sequential)
-        and len(projection) == 2
-        and isinstance(projection[0], torch.nn.Linear)
-        and projection[0].bias is not None
-    )
-
-
-def _project_all(heads: Sequence[CRT], tokens: torch.Tensor) -> list[torch.Tensor]:
-    """Every head's projected features ``(B, N, d_h)``, one GEMM for all Linear projections."""
-    stacked = [i for i, head in enumerate(heads) if _stackable(head.projection)]
-    if len(stacked) < 2:
-        return [head.projection(tokens) for head in heads]
-    features = [None if i in stacked else head.projection(tokens) for i, head in enumerate(heads)]
-    linears = [heads[i].projection[0] for i in stacked]
-    weight = torch.cat([linear.weight for linear in linears])  # (sum_h d_h, C)
-    bias = torch.cat([linear.bias for linear in linears])
-    chunks = F.linear(tokens, weight, bias).split([lin.out_features for lin in linears], dim=-1)
-    for i, chunk in zip(stacked, chunks, strict=True):
-        features[i] = heads[i].projection[1](chunk)
-    return features
 
 
 def _head_kwargs(spec: HeadSpec, index: int, shared: Mapping[str, Any]) -> dict[str, Any]:
