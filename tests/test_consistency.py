@@ -13,10 +13,12 @@ from pytorch_metric_learning.distances import (
     LpDistance,
 )
 from pytorch_metric_learning.losses import ContrastiveLoss
+from pytorch_metric_learning.reducers import DivisorReducer, MeanReducer, ThresholdReducer
 
-from pml_crt.losses import SimilarityConsistencyLoss
+from pml_crt.consistency import similarity_consistency, similarity_consistency_rows
+from pml_crt.losses import MultiHeadLoss, SimilarityConsistencyLoss
 from pml_crt.regularizers import SimilarityConsistencyRegularizer
-from pml_crt.utils.consistency import similarity_consistency
+from pml_crt.utils.validation import NonFiniteError
 
 MODES = ("mse", "l1", "kl")
 SIZES = [5, 3, 4]
@@ -185,6 +187,175 @@ def test_ref_equal_to_embeddings_is_the_self_term_with_diagonal(mode):
     with_ref = similarity_consistency(x, SIZES, ref_embeddings=x.clone(), mode=mode)
     self_term = similarity_consistency(x, SIZES, mode=mode, include_diagonal=True)
     torch.testing.assert_close(with_ref, self_term)
+
+
+# --------------------------------------------------------------------------- per-sample rows
+
+
+def reference_rows(
+    embeddings: torch.Tensor,
+    sizes: list[int],
+    ref: torch.Tensor | None = None,
+    mode: str = "kl",
+    temperature: float = 0.1,
+) -> tuple[list[float], list[float]]:
+    """Per-sample cosine term in Python floats, and a float rounding bound per row (in eps).
+
+    Row ``i`` is the mean over head pairs ``a < b`` of ``mean_j (S_a - S_b)^2``
+    (mse), ``mean_j |S_a - S_b|`` (l1) or ``KL(P_a[i] || P_b[i])`` (kl), ``S``
+    without the diagonal when there is no ``ref``.
+
+    The bound is first order in the machine epsilon ``eps`` of the computation
+    (returned in units of eps): a cosine of normalised ``d``-vectors is off by
+    at most ``s = (d + 4) eps``; a difference of two by ``2 s``. mse: the square
+    of a difference ``D`` is off by ``2 |D| 2s + eps D^2``; l1: ``2 s + eps |D|``.
+    kl: a logit ``S / T`` is off by ``(s + eps) / T``, a log-softmax entry by
+    ``l = 2 (s + eps) / T + (2 + log n)(1 + 1/T) eps``, and a KL row
+    ``sum_j p_j (lp_j - lq_j)`` by ``2 l + l max_j |lp_j - lq_j|`` (``p`` moves
+    by ``p l``). Every mean or sum of ``n`` terms adds ``(n + 3) eps`` times the
+    sum of ``|terms|``. The bound is doubled for second-order terms.
+    """
+    rows = embeddings.double().tolist()
+    ref_rows = rows if ref is None else ref.double().tolist()
+    starts = [sum(sizes[:h]) for h in range(len(sizes))]
+
+    def head(row: list[float], h: int) -> list[float]:
+        return row[starts[h] : starts[h] + sizes[h]]
+
+    def columns(i: int) -> list[int]:
+        return [j for j in range(len(ref_rows)) if ref is not None or j != i]
+
+    matrices = [
+        [
+            [_cosine(head(rows[i], h), head(ref_rows[j], h)) for j in columns(i)]
+            for i in range(len(rows))
+        ]
+        for h in range(len(sizes))
+    ]
+    sim_error = max(sizes) + 4  # in eps
+    pairs = list(combinations(range(len(sizes)), 2))
+    values, bounds = [0.0] * len(rows), [0.0] * len(rows)
+    for a, b in pairs:
+        for i in range(len(rows)):
+            sa, sb = matrices[a][i], matrices[b][i]
+            n = len(sa)
+            if mode in ("mse", "l1"):
+                diffs = [x - y for x, y in zip(sa, sb, strict=True)]
+                terms = [d * d if mode == "mse" else abs(d) for d in diffs]
+                if mode == "mse":
+                    term_error = sum(4 * abs(d) * sim_error + d * d for d in diffs) / n
+                else:
+                    term_error = 2 * sim_error + sum(abs(d) for d in diffs) / n
+                value = sum(terms) / n
+            else:
+                lp = [math.log(v) for v in _softmax([v / temperature for v in sa])]
+                lq = [math.log(v) for v in _softmax([v / temperature for v in sb])]
+                terms = [math.exp(x) * (x - y) for x, y in zip(lp, lq, strict=True)]
+                log_error = 2 * (sim_error + 1) / temperature + (2 + math.log(n)) * (
+                    1 + 1 / temperature
+                )
+                term_error = 2 * log_error + log_error * max(
+                    abs(x - y) for x, y in zip(lp, lq, strict=True)
+                )
+                value = sum(terms)
+            values[i] += value / len(pairs)
+            sum_error = (n + 3) * sum(abs(t) for t in terms) / (n if mode != "kl" else 1)
+            bounds[i] += 2 * (term_error + sum_error) / len(pairs)
+    return values, bounds
+
+
+def _close(actual: float, expected: float, bound_in_eps: float, dtype: torch.dtype) -> bool:
+    return abs(actual - expected) <= bound_in_eps * torch.finfo(dtype).eps
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("with_ref", [False, True], ids=["self", "ref"])
+def test_rows_match_reference_and_the_mean_reducer_gives_the_mean(dtype, mode, with_ref):
+    x = _embeddings(batch=7, dtype=dtype)
+    ref = _embeddings(batch=5, dtype=dtype, seed=1) if with_ref else None
+    expected, bounds = reference_rows(x, SIZES, ref, mode=mode, temperature=0.1)
+
+    rows = similarity_consistency_rows(x, SIZES, ref_embeddings=ref, mode=mode)
+    assert rows.shape == (7,) and rows.dtype == dtype
+    for value, want, bound in zip(rows.tolist(), expected, bounds, strict=True):
+        assert _close(value, want, bound, dtype), (value, want, bound)
+
+    # PML's element losses: one per sample, indexed by row, divisor = rows.
+    loss = SimilarityConsistencyLoss(SIZES, mode=mode)
+    info = loss.compute_loss(x, None, None, x if ref is None else ref, None)["loss"]
+    assert info["reduction_type"] == "element" and info["divisor"] == 7
+    torch.testing.assert_close(info["indices"], torch.arange(7))
+    torch.testing.assert_close(info["losses"], rows, rtol=0, atol=0)
+    regularizer = SimilarityConsistencyRegularizer(SIZES, mode=mode)
+    if ref is None:
+        torch.testing.assert_close(regularizer.compute_loss(x)["loss"]["losses"], rows)
+
+    # The default MeanReducer gives the mean of the rows: the value as before
+    # (the mean over pairs of each pair's mean), checked against the loop reference.
+    mean_bound = sum(bounds) / len(bounds) + (len(bounds) + 3) * max(expected)  # + the mean's
+    mean = sum(expected) / len(expected)
+    assert abs(reference(x, SIZES, ref, mode=mode) - mean) <= 1e-12 * max(1.0, mean)
+    for value in (
+        loss(x, ref_emb=ref),
+        similarity_consistency(x, SIZES, ref_embeddings=ref, mode=mode),
+        regularizer(x) if ref is None else loss(x, ref_emb=ref),
+    ):
+        assert value.dim() == 0
+        assert _close(value.item(), mean, mean_bound, dtype), (value.item(), mean)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_threshold_and_divisor_reducers_act_on_the_rows(dtype, mode):
+    x = _embeddings(batch=9, dtype=dtype, seed=3)
+    expected, bounds = reference_rows(x, SIZES, mode=mode, temperature=0.1)
+    ordered = sorted(expected)
+    # A threshold halfway between two rows, farther from both than their rounding bound.
+    gaps = [(ordered[k + 1] - ordered[k], k) for k in range(2, len(ordered) - 2)]
+    _, k = max(gaps)
+    low = (ordered[k] + ordered[k + 1]) / 2
+    eps = torch.finfo(dtype).eps
+    assert all(abs(v - low) > b * eps for v, b in zip(expected, bounds, strict=True))
+    kept = [(v, b) for v, b in zip(expected, bounds, strict=True) if v > low]
+    assert 0 < len(kept) < len(expected)
+    kept_mean = sum(v for v, _ in kept) / len(kept)
+    kept_bound = sum(b for _, b in kept) / len(kept) + (len(kept) + 3) * max(expected)
+
+    for module in (
+        SimilarityConsistencyLoss(SIZES, mode=mode, reducer=ThresholdReducer(low=low)),
+        SimilarityConsistencyRegularizer(SIZES, mode=mode, reducer=ThresholdReducer(low=low)),
+    ):
+        value = module(x)
+        assert _close(value.item(), kept_mean, kept_bound, dtype), (value.item(), kept_mean)
+
+    divisor_loss = SimilarityConsistencyLoss(
+        SIZES, mode=mode, reducer=DivisorReducer(collect_stats=True)
+    )
+    value = divisor_loss(x)
+    assert divisor_loss.reducer.divisor == 9  # sum of the rows / their number: the mean
+    mean = sum(expected) / len(expected)
+    mean_bound = sum(bounds) / 9 + 12 * max(expected)
+    assert _close(value.item(), mean, mean_bound, dtype)
+
+    # MultiHeadLoss calls the consistency loss, so its reducer acts there too.
+    labels = torch.arange(3).repeat(3)
+    multi = MultiHeadLoss(
+        ContrastiveLoss(),
+        SIZES,
+        consistency={"mode": mode, "reducer": ThresholdReducer(low=low)},
+        collect_stats=True,
+    )
+    multi(x, labels)
+    assert _close(multi.consistency_loss.item(), kept_mean, kept_bound, dtype)
+    mean_multi = MultiHeadLoss(
+        ContrastiveLoss(), SIZES, consistency={"mode": mode, "reducer": MeanReducer()}
+    )
+    total = mean_multi(x, labels)
+    heads = sum(ContrastiveLoss()(z, labels) for z in torch.split(x, SIZES, dim=1))
+    # The subtraction adds the rounding of the total and of the head losses.
+    bound = mean_bound + 4 * (abs(total.item()) + abs(heads.item()))
+    assert _close((total - heads).item(), mean, bound, dtype)
 
 
 # --------------------------------------------------------------------------- properties
@@ -386,7 +557,6 @@ def test_single_head_is_an_error():
         (torch.randn(2, 6, 12), r"embeddings must have shape \(B, 12\)"),
         (torch.randn(1, 12), "at least 2 rows"),
         (torch.ones(6, 12, dtype=torch.long), "floating-point"),
-        (torch.full((6, 12), float("nan")), "NaN"),
     ],
 )
 def test_bad_embeddings(x, match):
@@ -396,6 +566,22 @@ def test_bad_embeddings(x, match):
         SimilarityConsistencyLoss(SIZES)(x)
     with pytest.raises((ValueError, TypeError), match=match):
         SimilarityConsistencyRegularizer(SIZES)(x)
+
+
+def test_non_finite_embeddings_are_rejected_only_with_check_inputs():
+    # The value check reads back to the host (a device synchronisation): opt-in.
+    x = torch.randn(6, 12)
+    x[2, 3] = float("nan")
+    with pytest.raises(NonFiniteError, match="embeddings contains NaN"):
+        similarity_consistency(x, SIZES, check_inputs=True)
+    with pytest.raises(NonFiniteError, match="embeddings contains NaN"):
+        SimilarityConsistencyLoss(SIZES, check_inputs=True)(x)
+    with pytest.raises(NonFiniteError, match="embeddings contains NaN"):
+        SimilarityConsistencyRegularizer(SIZES, check_inputs=True)(x)
+    with pytest.raises(NonFiniteError, match="ref_embeddings contains NaN"):
+        similarity_consistency(torch.randn(6, 12), SIZES, ref_embeddings=x, check_inputs=True)
+    assert torch.isnan(similarity_consistency(x, SIZES))
+    assert torch.isnan(SimilarityConsistencyLoss(SIZES)(x))
 
 
 def test_not_a_tensor():

@@ -134,8 +134,10 @@ def test_one_training_step(name):
     case = CASES[name]
     model = MultiHeadCRT(in_channels=16, heads=[(8, 32), (4, 16)])
     # consistency_weight=0: any parameter update must come from the PML loss itself.
-    loss = MultiHeadLoss(case.build(), model.embedding_sizes, consistency_weight=0)
-    with_consistency = MultiHeadLoss(case.build(), model.embedding_sizes)
+    loss = MultiHeadLoss(
+        case.build(), model.embedding_sizes, consistency_weight=0, collect_stats=True
+    )
+    with_consistency = MultiHeadLoss(case.build(), model.embedding_sizes, collect_stats=True)
     parameters = list(model.parameters()) + list(loss.parameters())
     before = [p.detach().clone() for p in parameters]
     optimizer = torch.optim.SGD(parameters, lr=0.05)

@@ -14,6 +14,7 @@ from record_keeper import RecordKeeper
 from pml_crt.losses import MultiHeadLoss, SimilarityConsistencyLoss
 from pml_crt.models import MultiHeadCRT
 from pml_crt.regularizers import SimilarityConsistencyRegularizer
+from pml_crt.utils.validation import NonFiniteError
 
 SIZES = [8, 4, 6]
 NUM_CLASSES = 4
@@ -55,12 +56,16 @@ def _hand_consistency(x: torch.Tensor, sizes=SIZES, temperature=0.1) -> torch.Te
 def test_equals_weighted_sum_of_head_losses_plus_consistency():
     x, y = _batch()
     loss = MultiHeadLoss(
-        losses.ContrastiveLoss(), SIZES, consistency_weight=0.7, head_weights=[1.0, 0.5, 2.0]
+        losses.ContrastiveLoss(),
+        SIZES,
+        consistency_weight=0.7,
+        head_weights=[1.0, 0.5, 2.0],
+        collect_stats=True,
     )
     heads = [losses.ContrastiveLoss()(z, y) for z in _slices(x)]
     expected = heads[0] + 0.5 * heads[1] + 2.0 * heads[2] + 0.7 * _hand_consistency(x)
     torch.testing.assert_close(loss(x, y), expected)
-    # The recorded attributes are the unweighted values.
+    # The recorded statistics are the unweighted values.
     for i, value in enumerate(heads):
         assert getattr(loss, f"head{i}_loss") == pytest.approx(value.item(), rel=1e-6)
     assert loss.consistency_loss == pytest.approx(_hand_consistency(x).item(), rel=1e-5)
@@ -95,7 +100,9 @@ def test_gradient_equals_the_reference_gradient(dtype):
 
 def test_loss_dict_and_sub_loss_names():
     x, y = _batch()
-    loss = MultiHeadLoss(losses.MultiSimilarityLoss(), SIZES, consistency_weight=2.0)
+    loss = MultiHeadLoss(
+        losses.MultiSimilarityLoss(), SIZES, consistency_weight=2.0, collect_stats=True
+    )
     names = ["head0_loss", "head1_loss", "head2_loss", "consistency_loss"]
     assert loss.sub_loss_names() == names
     loss_dict = loss.compute_loss(x, y, None, x, y)
@@ -104,10 +111,20 @@ def test_loss_dict_and_sub_loss_names():
         assert info["reduction_type"] == "already_reduced" and info["indices"] is None
         assert info["losses"].dim() == 0
     torch.testing.assert_close(loss_dict["consistency_loss"]["losses"], 2.0 * _hand_consistency(x))
-    for name in names + ["num_heads", "consistency_weight", "head0_weight"]:
+    for name in ["num_heads", "consistency_weight", "head0_weight"]:
         assert name in loss._record_these
+    # The sub-loss values are statistics (PML's collect_stats), kept as detached
+    # 0-dim tensors: reading them back to the host is left to whoever logs them.
+    assert loss._record_these_stats == names
     loss(x, y)
-    assert all(isinstance(getattr(loss, name), float) for name in names)
+    for name in names:
+        value = getattr(loss, name)
+        assert torch.is_tensor(value) and value.dim() == 0 and not value.requires_grad
+    # Without collect_stats (PML's default) nothing is recorded per step.
+    quiet = MultiHeadLoss(losses.MultiSimilarityLoss(), SIZES, consistency_weight=2.0)
+    quiet(x, y)
+    assert getattr(quiet, "_record_these_stats", []) == []
+    assert not any(hasattr(quiet, name) for name in names)
 
 
 def test_consistency_weight_zero_and_single_head_drop_the_term():
@@ -434,7 +451,9 @@ def test_trains_under_a_pml_trainer_and_is_recorded():
     dataset = torch.utils.data.TensorDataset(images, labels)
     embedder = MultiHeadCRT(in_channels=16, heads=[(8, 12), (4, 6)])
     metric_loss = MultiHeadLoss(
-        lambda d: losses.ProxyAnchorLoss(NUM_CLASSES, d), embedder.embedding_sizes
+        lambda d: losses.ProxyAnchorLoss(NUM_CLASSES, d),
+        embedder.embedding_sizes,
+        collect_stats=True,
     )
     proxies_before = [p.detach().clone() for p in metric_loss.parameters()]
 
@@ -571,3 +590,17 @@ def test_single_class_batch_is_fine_for_a_loss_with_its_own_references():
         for z in _slices(x)
     )
     torch.testing.assert_close(nested(x, one_class), expected + _hand_consistency(x))
+
+
+def test_non_finite_embeddings_are_rejected_only_with_check_inputs():
+    # The finite check reads a value back to the host (a device synchronisation
+    # per step), so it is opt-in, like the embedders' check_inputs.
+    x, y = _batch()
+    x = x.clone()
+    x[1, 2] = float("nan")
+    checked = MultiHeadLoss(losses.ContrastiveLoss(), SIZES, check_inputs=True)
+    with pytest.raises(NonFiniteError, match="embeddings contains NaN"):
+        checked(x, y)
+    with pytest.raises(NonFiniteError, match="ref_emb contains NaN"):
+        checked(_batch()[0], y, ref_emb=x, ref_labels=y)
+    assert torch.isnan(MultiHeadLoss(losses.ContrastiveLoss(), SIZES)(x, y))

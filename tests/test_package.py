@@ -71,3 +71,46 @@ def test_unknown_names_raise_attribute_error():
     with pytest.raises(AttributeError, match="no_such_name"):
         pml_crt.utils.no_such_name  # noqa: B018
     assert {"models", "utils"} <= set(dir(pml_crt))
+
+
+def test_moved_modules_keep_their_old_import_paths():
+    # pml_crt.utils.consistency (public, documented before) is a deprecated alias of
+    # pml_crt.consistency; the layout helpers are plain re-exports of validation
+    # (an internal path the embedders still import from). No logic is copied:
+    # every old name is the very same object.
+    printed = _fresh_interpreter(
+        "import warnings\n"
+        "import pml_crt.consistency as new\n"
+        "from pml_crt.utils import layout, validation\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import pml_crt.utils.consistency as old\n"
+        "    validation.feature_map_to_tokens, validation.split_heads\n"
+        "print([str(w.message) for w in caught if w.category is DeprecationWarning])\n"
+        "print(all(getattr(old, n) is getattr(new, n) for n in old.__all__),"
+        " set(old.__all__) == set(new.__all__),"
+        " validation.feature_map_to_tokens is layout.feature_map_to_tokens,"
+        " validation.split_heads is layout.split_heads)\n"
+        "from pml_crt.utils.validation import feature_map_to_tokens\n"
+        "print(feature_map_to_tokens is layout.feature_map_to_tokens)"
+    )
+    warned, same, one = printed.strip().splitlines()
+    assert warned == (
+        "['pml_crt.utils.consistency is deprecated: import from pml_crt.consistency']"
+    )
+    assert same.split() == ["True"] * 4
+    assert one == "True"
+    with pytest.raises(AttributeError, match="no_such_name"):
+        pml_crt.utils.validation.no_such_name  # noqa: B018
+
+
+def test_losses_import_the_consistency_term_without_the_deprecated_alias():
+    printed = _fresh_interpreter(
+        "import sys, warnings\n"
+        "warnings.simplefilter('error', DeprecationWarning)\n"
+        "from pml_crt.losses import MultiHeadLoss, SimilarityConsistencyLoss\n"
+        "from pml_crt.regularizers import SimilarityConsistencyRegularizer\n"
+        "from pml_crt.models import CRT, MultiHeadCRT\n"
+        "print('pml_crt.utils.consistency' in sys.modules, 'pml_crt.consistency' in sys.modules)"
+    )
+    assert printed.split() == ["False", "True"]

@@ -12,7 +12,8 @@ import torch
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.miners import BaseMiner
 
-from ..utils.validation import check_embedding_sizes, check_embeddings, check_number, split_heads
+from ..utils.layout import split_heads
+from ..utils.validation import check_embedding_sizes, check_embeddings, check_number
 from .similarity_consistency_loss import SimilarityConsistencyLoss
 
 LossSpec = torch.nn.Module | Callable[[int], torch.nn.Module] | Sequence[torch.nn.Module]
@@ -107,16 +108,34 @@ class MultiHeadLoss(BaseMetricLossFunction):
             the trainer's ``tuple_miner`` output, mined on the concatenation) is
             used unchanged for every head. Giving both raises ``ValueError``.
         head_weights: one float per head (default all 1).
+        check_inputs: reject NaN and infinite embeddings
+            (:class:`~pml_crt.utils.validation.NonFiniteError`), and batches
+            of a single class (see below) also when the labels are on an
+            accelerator. Default ``False``: each check reads a value back to
+            the host, a device synchronisation per step. (The embedders'
+            ``check_inputs``, on by default, already reject non-finite trunk
+            outputs.)
         **kwargs: passed to ``BaseMetricLossFunction`` (``reducer``,
             ``embedding_regularizer`` applied to the concatenation,
-            ``embedding_reg_weight``). ``distance`` is refused: set it on the
-            per-head loss or on the consistency loss.
+            ``embedding_reg_weight``, ``collect_stats``). ``distance`` is
+            refused: set it on the per-head loss or on the consistency loss.
 
     Sub-losses (``sub_loss_names()``): ``head0_loss``, ..., ``head{H-1}_loss``
     and ``consistency_loss``, each already weighted and "already_reduced", so
-    the default reducer sums them into the total. After each forward the
-    *unweighted* value of each is also stored as a float attribute of the same
-    name (recorded by record-keeper through ``_record_these``).
+    the default reducer sums them into the total.
+
+    Statistics: with ``collect_stats`` (PML's ``c_f.COLLECT_STATS``, default
+    off, or ``collect_stats=True``), each forward also stores the *unweighted*
+    value of every sub-loss as a detached 0-dim tensor attribute of the same
+    name, listed in ``_record_these_stats`` (record-keeper reads it with
+    ``.item()`` when it logs; nothing is read back to the host before then).
+    Without ``collect_stats`` these attributes do not exist, as PML's own
+    statistics.
+
+    A batch whose ``labels`` hold a single class is rejected (``ValueError``)
+    when a head's loss can only compare batch samples with each other; the
+    check runs when ``labels`` are on the CPU (no synchronisation) or with
+    ``check_inputs``.
     """
 
     def __init__(
@@ -127,6 +146,7 @@ class MultiHeadLoss(BaseMetricLossFunction):
         consistency: ConsistencySpec = None,
         miner: BaseMiner | Sequence[BaseMiner | None] | None = None,
         head_weights: Sequence[float] | None = None,
+        check_inputs: bool = False,
         **kwargs: Any,
     ) -> None:
         if "distance" in kwargs:
@@ -141,6 +161,7 @@ class MultiHeadLoss(BaseMetricLossFunction):
         self.has_consistency = self.num_heads >= 2 and consistency_weight > 0
         super().__init__(**kwargs)
         self.embedding_sizes = sizes
+        self.check_inputs = bool(check_inputs)
         self.consistency_weight = float(consistency_weight)
         self.head_weights = self._build_head_weights(head_weights)
         # Keys, not list indices: record-keeper names its sqlite tables after them,
@@ -157,9 +178,7 @@ class MultiHeadLoss(BaseMetricLossFunction):
             + [f"head{i}_weight" for i in range(self.num_heads)],
             is_stat=False,
         )
-        self.add_to_recordable_attributes(list_of_names=self._sub_loss_names(), is_stat=False)
-        for name in self._sub_loss_names():
-            setattr(self, name, 0.0)
+        self.add_to_recordable_attributes(list_of_names=self._sub_loss_names(), is_stat=True)
 
     def _sub_loss_names(self) -> list[str]:
         names = [f"head{i}_loss" for i in range(self.num_heads)]
@@ -197,6 +216,8 @@ class MultiHeadLoss(BaseMetricLossFunction):
         """
         if labels is None or indices_tuple is not None or has_ref or len(labels) == 0:
             return
+        if not torch.is_tensor(labels) or (labels.device.type != "cpu" and not self.check_inputs):
+            return  # PML's forward checks the type; a device read would synchronise
         pair_losses = [
             type(head_loss).__name__
             for head_loss in self.losses.values()
@@ -336,8 +357,7 @@ class MultiHeadLoss(BaseMetricLossFunction):
         ref_emb: torch.Tensor,
         ref_labels: torch.Tensor | None,
     ) -> dict[str, dict[str, Any]]:
-        check_embeddings(embeddings, self.embedding_sizes, "embeddings")
-        self._check_pairs_possible(labels, indices_tuple, ref_emb is not embeddings)
+        check_embeddings(embeddings, self.embedding_sizes, "embeddings", self.check_inputs)
         if indices_tuple is not None and self.miners is not None:
             raise ValueError(
                 "MultiHeadLoss got an indices_tuple and has its own miner: use one or the "
@@ -345,7 +365,7 @@ class MultiHeadLoss(BaseMetricLossFunction):
             )
         has_ref = ref_emb is not embeddings
         if has_ref:
-            check_embeddings(ref_emb, self.embedding_sizes, "ref_emb")
+            check_embeddings(ref_emb, self.embedding_sizes, "ref_emb", self.check_inputs)
             ref_heads: Sequence[torch.Tensor | None] = split_heads(ref_emb, self.embedding_sizes)
         else:
             ref_heads = [None] * self.num_heads
@@ -375,8 +395,27 @@ class MultiHeadLoss(BaseMetricLossFunction):
             loss_dict["consistency_loss"] = _already_reduced(value * self.consistency_weight)
         return loss_dict
 
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        indices_tuple: Any = None,
+        ref_emb: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """PML's forward, after the single-class check on ``labels`` where they were given.
+
+        The check looks at ``labels`` before PML moves them to the embeddings'
+        device, so labels kept on the CPU are checked without a synchronisation.
+        """
+        has_ref = ref_emb is not None and ref_emb is not embeddings
+        self._check_pairs_possible(labels, indices_tuple, has_ref)
+        return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
     def _record(self, name: str, value: torch.Tensor | float) -> None:
-        setattr(self, name, float(value.detach()) if torch.is_tensor(value) else float(value))
+        """Keep the unweighted value as a statistic (only with ``collect_stats``), unread."""
+        if self.collect_stats:
+            setattr(self, name, value.detach() if torch.is_tensor(value) else value)
 
     def extra_repr(self) -> str:
         return (

@@ -7,17 +7,22 @@ from typing import Any
 import torch
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 
-from ..utils.consistency import SimilarityConsistencyMixin
+from ..consistency import SimilarityConsistencyMixin
 
 
 class SimilarityConsistencyLoss(SimilarityConsistencyMixin, BaseMetricLossFunction):
     """Make the heads of a multi-head embedder agree on the batch similarity structure.
 
     Takes the concatenated ``(B, sum(embedding_sizes))`` output of
-    :class:`pml_crt.models.MultiHeadCRT` and returns
-    :func:`pml_crt.utils.consistency.similarity_consistency` (see there for the
-    exact formula of every mode and option). Labels and ``indices_tuple`` are
-    accepted and ignored: the term is label-free.
+    :class:`pml_crt.models.MultiHeadCRT`. ``compute_loss`` returns one loss
+    per sample, :func:`pml_crt.consistency.similarity_consistency_rows` (see
+    there for the exact formula of every mode and option), with
+    ``reduction_type="element"``, the sample indices and ``divisor`` = the
+    number of samples, so PML's reducers act on it: the default
+    ``MeanReducer`` gives :func:`pml_crt.consistency.similarity_consistency`,
+    ``ThresholdReducer`` averages the samples inside its bounds,
+    ``DivisorReducer`` divides the sum by the number of samples. Labels and
+    ``indices_tuple`` are accepted and ignored: the term is label-free.
 
     With ``ref_emb`` (and ``ref_emb is not embeddings``), each head's
     similarity matrix is the ``(B, R)`` cross-matrix between ``embeddings``
@@ -30,6 +35,10 @@ class SimilarityConsistencyLoss(SimilarityConsistencyMixin, BaseMetricLossFuncti
         temperature: softmax temperature of ``"kl"``.
         stop_gradient: ``None``, ``"first"`` or ``"larger"``.
         include_diagonal: keep self-similarities (default ``False``).
+        check_inputs: reject NaN and infinite embeddings with
+            :class:`~pml_crt.utils.validation.NonFiniteError` (default
+            ``False``: the check reads a value back to the host, a device
+            synchronisation per call).
         **kwargs: passed to ``BaseMetricLossFunction`` (``distance``, default
             ``CosineSimilarity()``; ``reducer``; ``embedding_regularizer``;
             ``embedding_reg_weight``).
@@ -43,5 +52,4 @@ class SimilarityConsistencyLoss(SimilarityConsistencyMixin, BaseMetricLossFuncti
         ref_emb: torch.Tensor,
         ref_labels: torch.Tensor | None,
     ) -> dict[str, dict[str, Any]]:
-        value = self.consistency(embeddings, None if ref_emb is embeddings else ref_emb)
-        return {"loss": {"losses": value, "indices": None, "reduction_type": "already_reduced"}}
+        return self.element_loss_dict(embeddings, None if ref_emb is embeddings else ref_emb)

@@ -1,4 +1,16 @@
-"""Helpers shared across pml-crt (imported on first access: faiss loads only when used)."""
+"""Helpers shared across pml-crt (imported on first access: faiss loads only when used).
+
+- ``accuracy``, ``analysis_metrics``: PML ``AccuracyCalculator`` set-ups and
+  the analysis metrics (embedding density, spectral decay);
+- ``distributed``: DDP helpers (rank sharding, all-gather wrappers);
+- ``layout``: tensor layouts (trunk outputs to tokens, splitting heads);
+- ``validation``: argument and input checks;
+- ``stats``: mean and 95% confidence interval over seeds, for tables of
+  results.
+
+The similarity-consistency term is :mod:`pml_crt.consistency`
+(``pml_crt.utils.consistency`` is a deprecated alias).
+"""
 
 from .._lazy import lazy_package
 
@@ -7,6 +19,7 @@ __all__ = [
     "distributed",
     "embedding_density",
     "faiss_available",
+    "layout",
     "make_accuracy_calculator",
     "make_knn_func",
     "spectral_decay",
@@ -15,7 +28,7 @@ __all__ = [
 
 lazy_package(
     __name__,
-    submodules=("distributed", "validation"),
+    submodules=("distributed", "layout", "validation"),
     attributes={
         "AnalysisAccuracyCalculator": "analysis_metrics",
         "embedding_density": "analysis_metrics",

@@ -3,6 +3,15 @@
 Each check raises ``ValueError`` or ``TypeError`` whose message names the
 argument and the expected shape, so that bad input never turns into a silent
 wrong answer or a NaN further down.
+
+Only :func:`check_finite` reads tensor values (one read back to the host, a
+device synchronisation); every other check looks at types, shapes and dtypes.
+
+The tensor-layout helpers :func:`~pml_crt.utils.layout.feature_map_to_tokens`
+and :func:`~pml_crt.utils.layout.split_heads` live in
+:mod:`pml_crt.utils.layout`; they are re-exported here, without a warning,
+because the embedders in :mod:`pml_crt.models` import them from this module
+(an internal path).
 """
 
 from __future__ import annotations
@@ -130,57 +139,6 @@ def check_input_dtype(x: torch.Tensor, dtype: torch.dtype, name: str = "x") -> N
     )
 
 
-def feature_map_to_tokens(
-    x: object,
-    in_channels: int,
-    name: str = "x",
-    check_values: bool = True,
-    dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Turn a trunk output into a token sequence.
-
-    Args:
-        x: ``(B, C, H, W)`` feature map (CNN trunk) or ``(B, N, C)`` token
-            sequence (transformer trunk), floating point.
-        in_channels: the expected ``C``.
-        name: the argument name used in error messages.
-        check_values: also reject NaN and infinite values.
-        dtype: the dtype of the module parameters the tokens meet; ``x`` must
-            have it (see :func:`check_input_dtype`). ``None`` skips the check
-            (no parameter meets the tokens, so any floating dtype works).
-
-    Returns:
-        ``(B, N, C)`` tokens, with ``N = H * W`` for a feature map (a view of
-        ``x`` where possible).
-    """
-    x = check_tensor(x, name)
-    if x.dim() == 4:
-        batch, channels = x.shape[:2]
-        layout = "(B, C, H, W)"
-    elif x.dim() == 3:
-        batch, channels = x.shape[0], x.shape[2]
-        layout = "(B, N, C)"
-    else:
-        raise ValueError(
-            f"{name} must be a (B, C, H, W) feature map or a (B, N, C) token "
-            f"sequence, got shape {tuple(x.shape)}"
-        )
-    if channels != in_channels:
-        raise ValueError(
-            f"{name} has {channels} channels in layout {layout} (shape "
-            f"{tuple(x.shape)}), but the module was built with in_channels={in_channels}"
-        )
-    if batch == 0 or x.numel() == 0:
-        raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
-    if dtype is not None:
-        check_input_dtype(x, dtype, name)
-    if check_values:
-        check_finite(x, name)
-    if x.dim() == 4:
-        return x.flatten(2).transpose(1, 2)
-    return x
-
-
 def check_embedding_sizes(
     embedding_sizes: Sequence[int], name: str = "embedding_sizes"
 ) -> list[int]:
@@ -196,9 +154,16 @@ def check_embedding_sizes(
 
 
 def check_embeddings(
-    embeddings: object, embedding_sizes: Sequence[int], name: str = "embeddings"
+    embeddings: object,
+    embedding_sizes: Sequence[int],
+    name: str = "embeddings",
+    check_values: bool = True,
 ) -> torch.Tensor:
-    """Check a ``(B, sum(embedding_sizes))`` concatenated multi-head embedding."""
+    """Check a ``(B, sum(embedding_sizes))`` concatenated multi-head embedding.
+
+    ``check_values`` also rejects NaN and infinite values (:func:`check_finite`,
+    one read back to the host); shape and dtype checks never synchronise.
+    """
     embeddings = check_tensor(embeddings, name)
     total = sum(embedding_sizes)
     if embeddings.dim() != 2 or embeddings.shape[1] != total:
@@ -206,12 +171,18 @@ def check_embeddings(
             f"{name} must have shape (B, {total}) = (B, sum(embedding_sizes="
             f"{list(embedding_sizes)})), got {tuple(embeddings.shape)}"
         )
-    check_finite(embeddings, name)
+    if check_values:
+        check_finite(embeddings, name)
     return embeddings
 
 
-def split_heads(
-    embeddings: torch.Tensor, embedding_sizes: Sequence[int]
-) -> tuple[torch.Tensor, ...]:
-    """Split ``(B, sum(D_h))`` into one ``(B, D_h)`` view per head."""
-    return torch.split(embeddings, list(embedding_sizes), dim=1)
+_LAYOUT_NAMES = ("feature_map_to_tokens", "split_heads")
+
+
+def __getattr__(name: str) -> object:
+    # Resolved on first access, because layout imports this module's checks.
+    if name in _LAYOUT_NAMES:
+        from . import layout
+
+        return getattr(layout, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
