@@ -64,6 +64,8 @@ __all__ = ["HostSyncCounter", "build_step", "load_baseline", "main"]
 MODULE = "benchmarks.perf.step_time"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BASELINE_REV = "874a137"
+FULL_SIZES = {"batch": 32, "channels": 1280, "side": 7, "rounds": 21}
+QUICK_SIZES = {"batch": 8, "channels": 64, "side": 4, "rounds": 5}
 
 # Calls that read a tensor's values into Python: on an accelerator each one
 # waits for the device to finish the queued work (a synchronisation).
@@ -296,19 +298,21 @@ def measure(
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="B=8, C=64, 4x4, 5 rounds")
+    parser.add_argument("--quick", action="store_true", help="defaults B=8, C=64, 4x4, 5 rounds")
     parser.add_argument("--baseline-rev", default=BASELINE_REV, help="git revision of 'baseline'")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--batch", type=int, default=32, help="batch size (4 per class)")
-    parser.add_argument("--channels", type=int, default=1280, help="C of the feature map")
-    parser.add_argument("--side", type=int, default=7, help="H = W of the feature map")
-    parser.add_argument("--rounds", type=int, default=21, help="timed rounds")
+    parser.add_argument("--batch", type=int, help="batch size, 4 per class (default 32)")
+    parser.add_argument("--channels", type=int, help="C of the feature map (default 1280)")
+    parser.add_argument("--side", type=int, help="H = W of the feature map (default 7)")
+    parser.add_argument("--rounds", type=int, help="timed rounds (default 21)")
     parser.add_argument("--cases", nargs="+", default=["crt", "multihead"])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the JSON")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.batch, args.channels, args.side, args.rounds = 8, 64, 4, 5
+    defaults = QUICK_SIZES if args.quick else FULL_SIZES
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     started = time.perf_counter()
