@@ -24,7 +24,9 @@ the ratio of medians, and the geometric mean of the per-round ratios
 now/baseline with its 95% Student-t confidence interval (rounds are paired:
 both sides ran back to back). It also counts each side's host reads
 (:class:`HostSyncCounter`: what would be a device synchronisation on an
-accelerator) in one step, by call site.
+accelerator) in one step, by call site; with ``--device cuda`` also the
+synchronisations CUDA reports (``torch.cuda.set_sync_debug_mode("warn")``).
+Labels live on ``--device``, as after PML's own ``to_device``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import tarfile
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
@@ -228,7 +231,7 @@ def build_step(
         model.load_state_dict(state)
     optimizer = torch.optim.SGD([*model.parameters(), *loss.parameters()], lr=1e-3)
 
-    def step() -> None:
+    def step(synchronize: bool = True) -> None:
         embeddings = model(x)
         if miner is None:
             value = loss(embeddings, labels)
@@ -237,10 +240,31 @@ def build_step(
         optimizer.zero_grad(set_to_none=True)
         value.backward()
         optimizer.step()
-        if x.device.type == "cuda":
+        if synchronize and x.device.type == "cuda":
             torch.cuda.synchronize(x.device)
 
     return step, model
+
+
+def count_cuda_syncs(step: Callable[..., None]) -> int:
+    """Synchronisations CUDA itself reports in one step (``torch.cuda.set_sync_debug_mode``).
+
+    The step runs without its closing ``torch.cuda.synchronize`` (the timing's
+    own wait); every synchronising CUDA call in it warns once, and the warnings
+    are counted. A cross-check of :class:`HostSyncCounter` on a GPU, which
+    also sees the reads made inside C++ ops.
+    """
+    step()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step(synchronize=False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def count_step_syncs(step: Callable[[], None]) -> HostSyncCounter:
@@ -292,6 +316,11 @@ def measure(
         "host_syncs": {
             label: {"total": c.total, "sites": c.report()} for label, c in syncs.items()
         },
+        "cuda_reported_syncs": (
+            {label: count_cuda_syncs(step) for label, step in steps.items()}
+            if device.type == "cuda"
+            else None
+        ),
         "load_average": load_average(),
     }
 
