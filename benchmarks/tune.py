@@ -8,7 +8,7 @@ Every method of the config gets its own study with the same trial budget
 (``tune.trials``, or ``--trials``). A trial samples the method's
 ``search_space`` (declared next to the method in the YAML; a top-level
 ``search_space`` applies to every method), trains the runner's units for
-``tune.seeds`` x ``tune.folds`` exactly as :func:`benchmarks.run.run_unit` does
+``tune.seeds`` x ``tune.folds`` exactly as :func:`benchmarks.unit.run_unit` does
 (early stopping included) with ``eval.split: val``, so the test classes are
 never embedded, and returns their mean validation ``eval.primary_metric``
 (MAP@R). Each epoch's validation value is reported to the pruner (median or
@@ -66,7 +66,11 @@ from optuna.trial import TrialState
 
 from benchmarks import run
 from benchmarks.config import ConfigError, UserError, apply_override, load_config, method_config
-from benchmarks.run import write_atomic
+from benchmarks.layout import RESULTS, write_atomic
+from benchmarks.pipeline import DataPipeline
+from benchmarks.provenance import environment
+from benchmarks.resume import check_previous
+from benchmarks.unit import run_unit
 from pml_crt.utils.validation import NonFiniteError
 
 __all__ = [
@@ -426,12 +430,12 @@ def tune_method(
 
 
 def unit_runner(config: Mapping[str, Any], out: Path, device: Any, progress: bool) -> UnitRunner:
-    """:func:`benchmarks.run.run_unit` for a trial's units, with the data loaded once.
+    """:func:`benchmarks.unit.run_unit` for a trial's units, with the data loaded once.
 
     A unit that finished before (``results.json``, same config) is read back,
     not trained again: a re-queued trial continues where its attempt stopped.
     """
-    data = run.DataPipeline(config["dataset"], log=lambda message: None, progress=progress)
+    data = DataPipeline(config["dataset"], log=lambda message: None, progress=progress)
     hub_dir = Path(config["trunk"].get("hub_dir") or out / ".torch_hub")
 
     def run_trial_unit(
@@ -441,10 +445,10 @@ def unit_runner(config: Mapping[str, Any], out: Path, device: Any, progress: boo
         folder: Path,
         on_validation: Callable[[int, float], None],
     ) -> dict[str, Any]:
-        if (folder / run.RESULTS).exists():
-            run.check_previous(folder, unit_config, seed, fold)
-            return json.loads((folder / run.RESULTS).read_text())
-        return run.run_unit(
+        if (folder / RESULTS).exists():
+            check_previous(folder, unit_config, seed, fold)
+            return json.loads((folder / RESULTS).read_text())
+        return run_unit(
             unit_config,
             seed,
             fold,
@@ -698,7 +702,7 @@ def report_search(
     header = f"# best parameters of {name} on validation classes (benchmarks/tune.py)\n"
     write_atomic(folder / "best.yaml", header + yaml.safe_dump(tuned, sort_keys=False))
     tune = config["tune"]
-    env = run.environment()
+    env = environment()
     lines = [
         f"# {name}: every method tuned with the same budget on validation classes",
         "",

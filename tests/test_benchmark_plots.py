@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from benchmarks import plots
-from benchmarks import run as bench
+from benchmarks.results import publish_results
 from tests.test_benchmark_runner import DATA, TINY_OMNIGLOT, _run
 
 pytestmark = pytest.mark.filterwarnings(
@@ -145,7 +145,7 @@ def test_publish_keeps_the_results_when_plotting_fails(tiny_run, monkeypatch):
     rows = [{"method": "m", "evaluation": "separate", "seed": 0, "fold": "", "p": 0.5}]
     folder = tmp / "publish_failing"
     with pytest.warns(UserWarning, match="plots of t not written: RuntimeError"):
-        bench.publish_results(folder, "t", "table", rows, ["p"], torch.device("cpu"), "cmd", root)
+        publish_results(folder, "t", "table", rows, ["p"], torch.device("cpu"), "cmd", root)
     assert (folder / "t.md").read_text().startswith("table")
     assert (folder / "t.csv").is_file()
 

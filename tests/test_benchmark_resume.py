@@ -27,7 +27,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import resume
 from benchmarks import run as bench
+from benchmarks.layout import MARKER, RESULTS, RESUME
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Converting a tensor with requires_grad=True:UserWarning"  # PML trainer's pbar
@@ -116,14 +118,14 @@ def reference(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("uninterrupted")
     assert bench.main(_argv(out))["units_run"] == 1
     snapshot = _snapshot(out / UNIT)
-    assert not (out / UNIT / bench.RESUME).exists()
+    assert not (out / UNIT / RESUME).exists()
     assert snapshot["result"]["epochs_run"] == 3
     return snapshot
 
 
 def _marker_epoch(unit: Path) -> int:
     try:
-        return json.loads((unit / bench.RESUME / bench.MARKER).read_text())["epoch"]
+        return json.loads((unit / RESUME / MARKER).read_text())["epoch"]
     except (OSError, ValueError):
         return 0
 
@@ -163,7 +165,7 @@ def test_killed_run_resumes_exactly(reference, tmp_path):
         process.kill()
         process.wait()
         process.stderr.close()
-    assert not (unit / bench.RESULTS).exists(), "killed too late: the unit had finished"
+    assert not (unit / RESULTS).exists(), "killed too late: the unit had finished"
     assert process.returncode == -signal.SIGKILL
     killed_at = _marker_epoch(unit)
     assert 1 <= killed_at < 3
@@ -171,7 +173,7 @@ def test_killed_run_resumes_exactly(reference, tmp_path):
     resumed = bench.main(_argv(out))  # the same command again
     assert resumed["units_run"] == 1
     _assert_same(_snapshot(unit), reference)
-    assert not (unit / bench.RESUME).exists()
+    assert not (unit / RESUME).exists()
     resumes = json.loads((unit / "env.json").read_text())["resumes"]
     assert [r["epoch"] for r in resumes] == [killed_at]
 
@@ -186,14 +188,14 @@ def test_crash_before_marker_drops_newer_rows(reference, tmp_path, monkeypatch):
     # replaced best1) are on disk, its marker is not.
     out = tmp_path / "runs"
     unit = out / UNIT
-    write = bench._write_resume_point
+    write = resume.write_resume_point
 
     def crash_at_epoch_2(folder, trainer, sampler, stopped):
         if trainer.epoch == 2:
             raise _Crash
         return write(folder, trainer, sampler, stopped)
 
-    monkeypatch.setattr(bench, "_write_resume_point", crash_at_epoch_2)
+    monkeypatch.setattr(resume, "write_resume_point", crash_at_epoch_2)
     with pytest.raises(_Crash):
         bench.main(_argv(out))
     monkeypatch.undo()
@@ -235,7 +237,7 @@ def test_ctrl_c_says_how_to_resume_and_the_same_command_does(tmp_path):
     assert process.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr
     assert "interrupted" in stderr and bench.cli_command(argv) in stderr
-    assert not (unit / bench.RESULTS).exists()
+    assert not (unit / RESULTS).exists()
     stopped_at = _marker_epoch(unit)
     assert 1 <= stopped_at < epochs
     # Every record-keeper CSV file holds as many rows as its logs.db table: whole saves only.
@@ -246,7 +248,7 @@ def test_ctrl_c_says_how_to_resume_and_the_same_command_does(tmp_path):
     assert csvs["loss_histories"] >= 20 * stopped_at  # nothing saved before is lost
 
     resumed = bench.main(argv)  # the command it printed
-    assert resumed["units_run"] == 1 and (unit / bench.RESULTS).exists()
+    assert resumed["units_run"] == 1 and (unit / RESULTS).exists()
     env = json.loads((unit / "env.json").read_text())
     assert [r["epoch"] for r in env["resumes"]] == [stopped_at]
     with sqlite3.connect(unit / "logs" / "logs.db") as conn:

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from pytorch_metric_learning import losses
+from pytorch_metric_learning import losses, testers
 
 from benchmarks import build
 from benchmarks import config as config_module
@@ -42,7 +42,9 @@ from benchmarks.config import (
     parse_override,
 )
 from benchmarks.data import TransformedDataset, class_subset, load_source, pil_transform
+from benchmarks.layout import unit_dir
 from benchmarks.metrics import BenchmarkAccuracyCalculator
+from benchmarks.results import publish_results
 from pml_crt.losses import MultiHeadLoss
 from pml_crt.models import MultiHeadCRT
 from pml_crt.trunks import feature_map_trunk
@@ -895,13 +897,13 @@ def test_cli_help():
 @needs_omniglot
 def test_validation_split_never_embeds_the_test_classes(tmp_path, monkeypatch):
     embedded_sizes = []
-    original = bench.testers.GlobalEmbeddingSpaceTester.get_all_embeddings
+    original = testers.GlobalEmbeddingSpaceTester.get_all_embeddings
 
     def spy(self, dataset, *args, **kwargs):
         embedded_sizes.append(len(dataset))
         return original(self, dataset, *args, **kwargs)
 
-    monkeypatch.setattr(bench.testers.GlobalEmbeddingSpaceTester, "get_all_embeddings", spy)
+    monkeypatch.setattr(testers.GlobalEmbeddingSpaceTester, "get_all_embeddings", spy)
     result = _run(
         "omniglot_quick",
         [*TINY_OMNIGLOT, "eval.split=val"],
@@ -931,14 +933,12 @@ def test_omniglot_compare_every_method_on_a_tiny_slice(tmp_path):
 def test_published_table_names_the_commits_and_time_of_its_units(tmp_path):
     root = tmp_path / "run"
     for method, seed, commit in [("a", 0, "c1"), ("a", 1, "c2"), ("b", 0, "c1")]:
-        unit = bench.unit_dir(root, method, seed, 0)
+        unit = unit_dir(root, method, seed, 0)
         unit.mkdir(parents=True)
         (unit / "env.json").write_text(json.dumps({"git_commit": commit}))
         (unit / "results.json").write_text(json.dumps({"total_time_s": 40.0 + seed}))
     rows = [{"method": "a", "evaluation": "separate", "seed": 0, "fold": "", "p": 0.5}]
-    bench.publish_results(
-        tmp_path / "out", "t", "table", rows, ["p"], torch.device("cpu"), "cmd", root
-    )
+    publish_results(tmp_path / "out", "t", "table", rows, ["p"], torch.device("cpu"), "cmd", root)
     text = (tmp_path / "out" / "t.md").read_text()
     assert "The units ran the code of commit `c1` (2 units), `c2` (1 units)" in text
     assert "Time of the 3 finished units, summed: 2.0 min" in text  # (40 + 41 + 40) s

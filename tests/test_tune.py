@@ -27,8 +27,10 @@ import yaml
 from optuna.trial import TrialState
 from pytorch_metric_learning import testers
 
-from benchmarks import run, tune
+from benchmarks import tune
 from benchmarks.config import load_config, method_config, method_names
+from benchmarks.layout import RESULTS
+from benchmarks.pipeline import DataPipeline
 from benchmarks.splits import mlrc_split
 from pml_crt.utils.validation import NonFiniteError
 from tests.test_benchmark_resume import _marker_epoch, _start, _wait_for_marker
@@ -293,7 +295,7 @@ def reference(tmp_path_factory):
 
 @needs_omniglot
 def test_search_never_embeds_test_classes(reference):
-    source = run.DataPipeline(load_config(data=TINY)["dataset"]).source
+    source = DataPipeline(load_config(data=TINY)["dataset"]).source
     split = mlrc_split(source.num_classes, 0, 4)
     assert reference["embedded"], "nothing was embedded"
     for classes in reference["embedded"]:
@@ -314,7 +316,7 @@ def test_search_uses_its_budget_prunes_and_writes_best_yaml(reference):
         assert (unit / "config.yaml").is_file() and (unit / "logs" / "logs.db").is_file()
     best = tune.best_trial(study, TRIALS)
     folder = out / TRIAL_FOLDERS / f"trial{best.number:04d}" / "seed0" / "fold0"
-    unit_result = json.loads((folder / run.RESULTS).read_text())
+    unit_result = json.loads((folder / RESULTS).read_text())
     assert best.value == unit_result["val"]["mean_average_precision_at_r"]
     assert "test" not in unit_result
     tuned = load_config(result["folder"] / "best.yaml")
@@ -351,7 +353,7 @@ def test_killed_search_resumes_to_the_uninterrupted_search(reference, tmp_path):
         process.kill()
         process.wait()
         process.stderr.close()
-    assert not (killed_unit / run.RESULTS).exists(), "killed too late: the trial had finished"
+    assert not (killed_unit / RESULTS).exists(), "killed too late: the trial had finished"
     killed_at = _marker_epoch(killed_unit)
 
     tune.main(argv)  # the same command again

@@ -229,11 +229,10 @@ def prod_of(shapes: str) -> int:
     return out
 
 
-def head_cost_section(hc: dict, folder: Path, rel: str) -> str:
-    out = ["## 1. What a head costs (forward + backward)", ""]
-    out.append(f"Command: `{hc['command']}`. Base point: {point_label(hc['points'][0])}.")
+def _head_cost_base(hc: dict) -> list[str]:
+    """The base point: every head's time, FLOPs, FLOP rate, peak memory and parameters."""
     base = hc["points"][0]
-    out += [
+    out = [
         "",
         "### Base point",
         "",
@@ -277,12 +276,15 @@ def head_cost_section(hc: dict, folder: Path, rel: str) -> str:
             rows,
         )
     )
-    out += [
+    return out + [
         "",
         f"Rounds at this point: {base['rounds']}; load average then: {base['load_average']}.",
     ]
 
-    out += ["", "### One factor at a time", ""]
+
+def _head_cost_sweeps(hc: dict, folder: Path, rel: str) -> list[str]:
+    """One factor varied at a time: times, CRT / NetVLAD, FLOP rates; the sweep plots."""
+    out = ["", "### One factor at a time", ""]
     rows = []
     for p in hc["points"]:
         rows.append(
@@ -306,9 +308,12 @@ def head_cost_section(hc: dict, folder: Path, rel: str) -> str:
         )
     )
     time_png, rate_png = plot_sweeps(hc, folder)
-    out += ["", f"![time]({rel}/{time_png})", "", f"![FLOP/s ratio]({rel}/{rate_png})", ""]
+    return out + ["", f"![time]({rel}/{time_png})", "", f"![FLOP/s ratio]({rel}/{rate_png})", ""]
 
-    out += ["### Targets", ""]
+
+def _head_cost_targets(hc: dict) -> list[str]:
+    """The FLOP-rate and CRT-vs-NetVLAD targets: measured at base, over the grid, how often met."""
+    base = hc["points"][0]
     rows = []
     for head in hc["heads"]:
         ratios = [p["heads"][head]["flops_rate_vs_matmul"] for p in hc["points"]]
@@ -330,56 +335,67 @@ def head_cost_section(hc: dict, folder: Path, rel: str) -> str:
             f"{sum(r <= NETVLAD_TARGET for r in crt_nv)} of {len(crt_nv)} points",
         ]
     )
-    out.append(table(["target", "measured", "met"], rows))
+    return ["### Targets", "", table(["target", "measured", "met"], rows)]
 
-    trunk = hc.get("trunk_step")
-    if trunk:
-        out += [
-            "",
-            "### Share of a MobileNetV2 training step",
-            "",
-            f'`FeatureMapTrunk("mobilenet_v2")` (random weights), batch {trunk["B"]} at '
-            f"{trunk['image_side']} px, forward + backward + SGD step: "
-            f"{ms(trunk['trunk']['median_s'])} ms (median of {trunk['trunk']['n']}). "
-            f"Heads on its {trunk['feature_map'][0]}x{trunk['feature_map'][1]}x"
-            f"{trunk['feature_map'][2]} map, timed in the same rounds "
-            f"(K={trunk['K']}, D={trunk['D']}; `crt` is `CRT(1280)` with default options, "
-            f'`crt_sum` the same with `fusion="sum"`, `multihead` the default '
-            f"`MultiHeadCRT(1280)`):",
-            "",
+
+def _head_cost_trunk(trunk: dict | None) -> list[str]:
+    """The heads' share of a MobileNetV2 training step (when measured)."""
+    if not trunk:
+        return []
+    out = [
+        "",
+        "### Share of a MobileNetV2 training step",
+        "",
+        f'`FeatureMapTrunk("mobilenet_v2")` (random weights), batch {trunk["B"]} at '
+        f"{trunk['image_side']} px, forward + backward + SGD step: "
+        f"{ms(trunk['trunk']['median_s'])} ms (median of {trunk['trunk']['n']}). "
+        f"Heads on its {trunk['feature_map'][0]}x{trunk['feature_map'][1]}x"
+        f"{trunk['feature_map'][2]} map, timed in the same rounds "
+        f"(K={trunk['K']}, D={trunk['D']}; `crt` is `CRT(1280)` with default options, "
+        f'`crt_sum` the same with `fusion="sum"`, `multihead` the default '
+        f"`MultiHeadCRT(1280)`):",
+        "",
+    ]
+    rows = [
+        [
+            h,
+            ms(e["time"]["median_s"]),
+            ratio(e["vs_trunk"]),
+            f"{100 * e['share_of_step']:.1f}%",
         ]
+        for h, e in trunk["heads"].items()
+    ]
+    return out + [table(["head", "ms", "x trunk step", "share of trunk + head"], rows), ""]
+
+
+def _head_cost_profiles(hc: dict) -> list[str]:
+    """The top ops of every profiled head (when profiled)."""
+    if not hc.get("profiles"):
+        return []
+    out = ["", "### Where the time goes (torch.profiler, base point)", ""]
+    for head, prof in hc["profiles"].items():
+        out += [f"`{head}`: {prof['self_cpu_ms_per_step']:.1f} ms self CPU per step.", ""]
         rows = [
             [
-                h,
-                ms(e["time"]["median_s"]),
-                ratio(e["vs_trunk"]),
-                f"{100 * e['share_of_step']:.1f}%",
+                r["op"],
+                op_role(r["op"], r["input_shapes"], hc["base"]),
+                f"`{r['input_shapes']}`",
+                f"{r['calls_per_step']:g}",
+                f"{r['self_cpu_ms_per_step']:.2f}",
+                f"{100 * r['share']:.1f}%",
             ]
-            for h, e in trunk["heads"].items()
+            for r in prof["top"]
         ]
-        out += [table(["head", "ms", "x trunk step", "share of trunk + head"], rows), ""]
+        out += [
+            table(["op", "role", "input shapes", "calls/step", "ms/step", "share"], rows),
+            "",
+        ]
+    return out
 
-    if hc.get("profiles"):
-        out += ["", "### Where the time goes (torch.profiler, base point)", ""]
-        for head, prof in hc["profiles"].items():
-            out += [f"`{head}`: {prof['self_cpu_ms_per_step']:.1f} ms self CPU per step.", ""]
-            rows = [
-                [
-                    r["op"],
-                    op_role(r["op"], r["input_shapes"], hc["base"]),
-                    f"`{r['input_shapes']}`",
-                    f"{r['calls_per_step']:g}",
-                    f"{r['self_cpu_ms_per_step']:.2f}",
-                    f"{100 * r['share']:.1f}%",
-                ]
-                for r in prof["top"]
-            ]
-            out += [
-                table(["op", "role", "input shapes", "calls/step", "ms/step", "share"], rows),
-                "",
-            ]
 
-    out += ["### Memory", ""]
+def _head_cost_memory(hc: dict, folder: Path, rel: str) -> list[str]:
+    """Memory slopes per swept variable, the least-squares memory model and its plot."""
+    out = ["### Memory", ""]
     out += [
         "Peak = forward + backward, parameter gradients included (CRT's fusion weight "
         "gradient alone is `4*K*d*D` bytes); saved = bytes alive after the forward pass "
@@ -421,9 +437,12 @@ def head_cost_section(hc: dict, folder: Path, rel: str) -> str:
             table(fit["terms"], [[f"{c:.3g}" for c in fit["bytes_per_element"]]]),
             "",
         ]
-    out += [f"![memory]({rel}/{plot_memory(hc, folder)})", ""]
+    return out + [f"![memory]({rel}/{plot_memory(hc, folder)})", ""]
 
-    out += ["### The input check", ""]
+
+def _head_cost_input_check(hc: dict) -> list[str]:
+    """``isfinite(x).all()`` against ``aminmax(x)``, and its share of a head step at base."""
+    base = hc["points"][0]
     rows = []
     base_crt = base["heads"]["crt"]["time"]["median_s"]
     base_avg = base["heads"]["avg"]["time"]["median_s"]
@@ -443,22 +462,20 @@ def head_cost_section(hc: dict, folder: Path, rel: str) -> str:
         else:
             row += ["", ""]
         rows.append(row)
-    out.append(
-        table(
-            [
-                "input",
-                "`isfinite(x).all()` ms",
-                "`aminmax(x)` ms",
-                "speed-up",
-                "share of avg head step",
-                "share of CRT step",
-            ],
-            rows,
-        )
-    )
+    headers = [
+        "input",
+        "`isfinite(x).all()` ms",
+        "`aminmax(x)` ms",
+        "speed-up",
+        "share of avg head step",
+        "share of CRT step",
+    ]
+    return ["### The input check", "", table(headers, rows)]
 
-    alloc = hc["allocator"]
-    out += [
+
+def _head_cost_allocator(alloc: dict) -> list[str]:
+    """CRT's step time and page faults under each allocator setting."""
+    out = [
         "",
         "### Allocator",
         "",
@@ -476,7 +493,20 @@ def head_cost_section(hc: dict, folder: Path, rel: str) -> str:
         for name, e in alloc["settings"].items()
     ]
     out.append(table(["setting", "ms per step", "x default", "minor page faults per step"], rows))
-    out.append("")
+    return out + [""]
+
+
+def head_cost_section(hc: dict, folder: Path, rel: str) -> str:
+    out = ["## 1. What a head costs (forward + backward)", ""]
+    out.append(f"Command: `{hc['command']}`. Base point: {point_label(hc['points'][0])}.")
+    out += _head_cost_base(hc)
+    out += _head_cost_sweeps(hc, folder, rel)
+    out += _head_cost_targets(hc)
+    out += _head_cost_trunk(hc.get("trunk_step"))
+    out += _head_cost_profiles(hc)
+    out += _head_cost_memory(hc, folder, rel)
+    out += _head_cost_input_check(hc)
+    out += _head_cost_allocator(hc["allocator"])
     return "\n".join(out)
 
 
@@ -653,79 +683,114 @@ def changes_section(mc: dict) -> str:
     return "\n".join(out)
 
 
+def _flop_rate_summary(hc: dict) -> list[str]:
+    """Which heads reach the FLOP-rate target at base; CRT / NetVLAD over the grid."""
+    base = hc["points"][0]
+    heads = base["heads"]
+    met = [h for h in hc["heads"] if heads[h]["flops_rate_vs_matmul"] >= FLOP_TARGET]
+    crt_nv = [p["crt_vs_netvlad"] for p in hc["points"]]
+    return [
+        f"- Base point ({point_label(base)}): forward + backward FLOP/s reaches "
+        f">= {FLOP_TARGET} x a plain matmul of the same FLOPs for "
+        + (", ".join(f"`{h}` ({ratio(heads[h]['flops_rate_vs_matmul'])})" for h in met) or "none")
+        + "; not for "
+        + (
+            ", ".join(
+                f"`{h}` ({ratio(heads[h]['flops_rate_vs_matmul'])})"
+                for h in hc["heads"]
+                if h not in met
+            )
+            or "none"
+        )
+        + ".",
+        f"- CRT / NetVLAD time at equal K and d: {ratio(min(crt_nv))} to {ratio(max(crt_nv))} "
+        f"over the {len(crt_nv)} grid points (target <= {NETVLAD_TARGET}).",
+    ]
+
+
+def _trunk_and_profile_summary(hc: dict) -> list[str]:
+    """The heads' share of a trunk step and the fusion's share of CRT's time (when measured)."""
+    out = []
+    trunk = hc.get("trunk_step")
+    if trunk:
+        out.append(
+            f"- Share of a MobileNetV2 training step (batch {trunk['B']}, 224 px): "
+            + ", ".join(f"`{h}` {100 * e['share_of_step']:.1f}%" for h, e in trunk["heads"].items())
+            + "."
+        )
+    prof = (hc.get("profiles") or {}).get("crt")
+    if prof:
+        fusion = [
+            r
+            for r in prof["top"]
+            if op_role(r["op"], r["input_shapes"], hc["base"]).startswith("fusion")
+        ]
+        out.append(
+            f"- Where CRT's time goes at the base point: the fusion `Linear(K*d, D)` "
+            f"(forward and both gradients) takes {100 * sum(r['share'] for r in fusion):.0f}% "
+            "of the profiled self CPU time; its weight gradient alone "
+            f"{100 * max((r['share'] for r in fusion), default=0):.0f}%."
+        )
+    return out
+
+
+def _allocator_check_memory_summary(hc: dict) -> list[str]:
+    """The allocator's page faults, the finite-input check's cost, CRT's memory model."""
+    heads = hc["points"][0]["heads"]
+    alloc = hc["allocator"]["settings"]
+    best = min(alloc, key=lambda k: alloc[k]["median_s"])
+    check = next(c for c in hc["input_check"] if c["point"] == hc["base"])
+    fwd = hc["memory_fit"]["forward"]
+    return [
+        f"- CRT's step takes {alloc['default']['faults_per_step']:.0f} minor page faults "
+        f"with the default allocator; `{best}` cuts the step to "
+        f"{ratio(alloc[best]['vs_default'])} x.",
+        "- The finite-input check: `isfinite(x).all()` would take "
+        f"{100 * check['isfinite_all']['median_s'] / heads['avg']['time']['median_s']:.0f}% "
+        f"of the average-pool head's step; the heads use `aminmax`, "
+        f"{ratio(check['isfinite_all']['median_s'] / check['aminmax']['median_s'])} x faster.",
+        f"- CRT's saved activations fit `{' + '.join(fwd['terms'])}` (bytes per element "
+        + ", ".join(f"{c:.3g}" for c in fwd["bytes_per_element"])
+        + f") with R² {fwd['r2']:.6f}: no `B*N*K*d` term.",
+    ]
+
+
+def _eval_summary(es: dict) -> list[str]:
+    """The fastest k-NN evaluation, agreement, peak memory and PML's label counting."""
+    clock = es["clock"]
+    fastest = min(es["methods"], key=lambda m: m[clock])
+    others = [m for m in es["methods"] if m is not fastest]
+    out = [
+        f"- k-NN evaluation of {es['num_images']:,} embeddings: fastest `{fastest['method']}`"
+        + (
+            " ("
+            + ", ".join(f"`{m['method']}` {ratio(m[clock] / fastest[clock])} x" for m in others)
+            + ")"
+            if others
+            else ""
+        )
+        + f"; metrics agree: {es['comparison']['agree']}; largest peak RSS "
+        f"{max(m['peak_rss_mib'] for m in es['methods']) / 1024:.1f} GiB."
+    ]
+    lc = es.get("label_counting")
+    if lc:
+        out.append(
+            f"- PML's stock label counting would need {lc['stock_extrapolated_gib']:.1f} GiB "
+            f"at {lc['full_size']:,} embeddings (machine: {es['machine']['memory_gib']} GiB); "
+            f"per class it took {lc['per_class_at_full_size']['cpu_s']:.1f} s and "
+            f"{lc['per_class_at_full_size']['extra_peak_rss_mib']:.0f} MiB."
+        )
+    return out
+
+
 def summary_section(runs: dict[str, dict]) -> str:
     """Headline facts, each computed from the JSON."""
     out = ["## Summary", ""]
     hc = runs.get("head_cost")
     if hc:
-        base = hc["points"][0]
-        heads = base["heads"]
-        met = [h for h in hc["heads"] if heads[h]["flops_rate_vs_matmul"] >= FLOP_TARGET]
-        out.append(
-            f"- Base point ({point_label(base)}): forward + backward FLOP/s reaches "
-            f">= {FLOP_TARGET} x a plain matmul of the same FLOPs for "
-            + (
-                ", ".join(f"`{h}` ({ratio(heads[h]['flops_rate_vs_matmul'])})" for h in met)
-                or "none"
-            )
-            + "; not for "
-            + (
-                ", ".join(
-                    f"`{h}` ({ratio(heads[h]['flops_rate_vs_matmul'])})"
-                    for h in hc["heads"]
-                    if h not in met
-                )
-                or "none"
-            )
-            + "."
-        )
-        crt_nv = [p["crt_vs_netvlad"] for p in hc["points"]]
-        out.append(
-            f"- CRT / NetVLAD time at equal K and d: {ratio(min(crt_nv))} to {ratio(max(crt_nv))} "
-            f"over the {len(crt_nv)} grid points (target <= {NETVLAD_TARGET})."
-        )
-        trunk = hc.get("trunk_step")
-        if trunk:
-            out.append(
-                f"- Share of a MobileNetV2 training step (batch {trunk['B']}, 224 px): "
-                + ", ".join(
-                    f"`{h}` {100 * e['share_of_step']:.1f}%" for h, e in trunk["heads"].items()
-                )
-                + "."
-            )
-        prof = (hc.get("profiles") or {}).get("crt")
-        if prof:
-            fusion = [
-                r
-                for r in prof["top"]
-                if op_role(r["op"], r["input_shapes"], hc["base"]).startswith("fusion")
-            ]
-            out.append(
-                f"- Where CRT's time goes at the base point: the fusion `Linear(K*d, D)` "
-                f"(forward and both gradients) takes {100 * sum(r['share'] for r in fusion):.0f}% "
-                "of the profiled self CPU time; its weight gradient alone "
-                f"{100 * max((r['share'] for r in fusion), default=0):.0f}%."
-            )
-        alloc = hc["allocator"]["settings"]
-        best = min(alloc, key=lambda k: alloc[k]["median_s"])
-        out.append(
-            f"- CRT's step takes {alloc['default']['faults_per_step']:.0f} minor page faults "
-            f"with the default allocator; `{best}` cuts the step to "
-            f"{ratio(alloc[best]['vs_default'])} x."
-        )
-        check = next(c for c in hc["input_check"] if c["point"] == hc["base"])
-        out.append(
-            "- The finite-input check: `isfinite(x).all()` would take "
-            f"{100 * check['isfinite_all']['median_s'] / heads['avg']['time']['median_s']:.0f}% "
-            f"of the average-pool head's step; the heads use `aminmax`, "
-            f"{ratio(check['isfinite_all']['median_s'] / check['aminmax']['median_s'])} x faster."
-        )
-        fwd = hc["memory_fit"]["forward"]
-        out.append(
-            f"- CRT's saved activations fit `{' + '.join(fwd['terms'])}` (bytes per element "
-            + ", ".join(f"{c:.3g}" for c in fwd["bytes_per_element"])
-            + f") with R² {fwd['r2']:.6f}: no `B*N*K*d` term."
-        )
+        out += _flop_rate_summary(hc)
+        out += _trunk_and_profile_summary(hc)
+        out += _allocator_check_memory_summary(hc)
     cp = runs.get("compile")
     if cp:
         out.append(
@@ -735,29 +800,7 @@ def summary_section(runs: dict[str, dict]) -> str:
         )
     es = runs.get("eval_scale")
     if es:
-        clock = es["clock"]
-        fastest = min(es["methods"], key=lambda m: m[clock])
-        others = [m for m in es["methods"] if m is not fastest]
-        out.append(
-            f"- k-NN evaluation of {es['num_images']:,} embeddings: fastest `{fastest['method']}`"
-            + (
-                " ("
-                + ", ".join(f"`{m['method']}` {ratio(m[clock] / fastest[clock])} x" for m in others)
-                + ")"
-                if others
-                else ""
-            )
-            + f"; metrics agree: {es['comparison']['agree']}; largest peak RSS "
-            f"{max(m['peak_rss_mib'] for m in es['methods']) / 1024:.1f} GiB."
-        )
-        lc = es.get("label_counting")
-        if lc:
-            out.append(
-                f"- PML's stock label counting would need {lc['stock_extrapolated_gib']:.1f} GiB "
-                f"at {lc['full_size']:,} embeddings (machine: {es['machine']['memory_gib']} GiB); "
-                f"per class it took {lc['per_class_at_full_size']['cpu_s']:.1f} s and "
-                f"{lc['per_class_at_full_size']['extra_peak_rss_mib']:.0f} MiB."
-            )
+        out += _eval_summary(es)
     mc = runs.get("model_changes")
     if mc:
         out.append(

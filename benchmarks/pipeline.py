@@ -1,0 +1,131 @@
+"""The data of a run: one dataset loaded once per process, as cached image and feature datasets.
+
+:class:`DataPipeline` is shared by every unit of a run (and every trial of a
+search): decoded images are cached as ``uint8`` and a frozen trunk prefix is run
+once over them, keyed by what changes their values.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from .cache import CachedDataset, cache_dataset, cache_module_outputs, frozen_prefix
+from .data import Source, ToFloat, TransformedDataset, load_source, pil_transform
+from .layout import Log
+
+__all__ = ["DataPipeline"]
+
+
+class DataPipeline:
+    """Loads a dataset once per process and hands out (cached) image and feature datasets.
+
+    Every dataset it returns covers all images of the source, labelled by class
+    position, with float tensors as inputs; :func:`class_subset` then picks a
+    fold's classes without copying.
+    """
+
+    def __init__(self, dataset_config: Mapping[str, Any], log: Log = print, progress: bool = True):
+        self.dataset_config = dict(dataset_config)
+        self.log = log
+        self.progress = progress
+        self._source: Source | None = None
+        self._images: dict[str, Any] = {}
+        self._features: dict[str, CachedDataset] = {}
+
+    @property
+    def source(self) -> Source:
+        if self._source is None:
+            self._source = load_source(self.dataset_config)
+            self.log(
+                f"{self._source.name}: {self._source.num_classes} classes, "
+                f"{len(self._source.labels)} images"
+            )
+        return self._source
+
+    def images(self, config: Mapping[str, Any], train: bool) -> Any:
+        """All images as float tensors: cached ``uint8`` unless randomly augmented."""
+        images, cache = config["images"], config["cache"]
+        finish = ToFloat(images.get("normalize", "imagenet"))
+        if train and images.get("augmentation", "none") != "none":
+            return TransformedDataset(
+                self.source.dataset, _Compose(pil_transform(images, True), finish)
+            )
+        deterministic = {k: images.get(k) for k in ("resize", "crop", "normalize")}
+        key = json.dumps([deterministic, bool(cache.get("images", True))], sort_keys=True)
+        if key not in self._images:
+            decode = TransformedDataset(self.source.dataset, pil_transform(images, False))
+            if cache.get("images", True):
+                start = time.time()
+                cached = cache_dataset(
+                    decode,
+                    finish,
+                    batch_size=256,
+                    num_workers=int(config["training"].get("num_workers", 0)),
+                    desc="decoding images",
+                    progress=self.progress,
+                )
+                self.log(
+                    f"cached {len(cached)} images {tuple(cached.data.shape[1:])} uint8 "
+                    f"({cached.data.numel() / 2**20:.0f} MiB) in {time.time() - start:.1f} s"
+                )
+                self._images[key] = cached
+            else:
+                self._images[key] = TransformedDataset(
+                    self.source.dataset, _Compose(pil_transform(images, False), finish)
+                )
+        return self._images[key]
+
+    def features(
+        self, config: Mapping[str, Any], trunk: torch.nn.Module, device: torch.device
+    ) -> CachedDataset:
+        """The frozen first blocks of ``trunk`` run once over all (eval-transformed) images."""
+        dtype = getattr(torch, str(config["cache"].get("feature_dtype", "float32")))
+        key = json.dumps(
+            [
+                {k: config["trunk"].get(k) for k in ("name", "weights", "frozen_blocks", "kwargs")},
+                {k: config["images"].get(k) for k in ("resize", "crop", "normalize")},
+                str(dtype),
+            ],
+            sort_keys=True,
+        )
+        if key not in self._features:
+            start = time.time()
+            features = cache_module_outputs(
+                frozen_prefix(trunk),
+                self.images(config, train=False),
+                batch_size=int(config["eval"]["batch_size"]),
+                device=device,
+                dtype=dtype,
+                desc="caching frozen trunk blocks",
+                progress=self.progress,
+            )
+            self.log(
+                f"cached the output of {trunk.frozen_blocks} frozen trunk blocks "
+                f"{tuple(features.data.shape[1:])} {dtype} "
+                f"({features.data.numel() * features.data.element_size() / 2**20:.0f} MiB) "
+                f"in {time.time() - start:.1f} s"
+            )
+            if dtype != torch.float32:
+                features.transform = _ToFloat32()
+            self._features[key] = features
+        return self._features[key]
+
+
+class _Compose:
+    def __init__(self, *steps: Callable[[Any], Any]) -> None:
+        self.steps = steps
+
+    def __call__(self, x: Any) -> Any:
+        for step in self.steps:
+            x = step(x)
+        return x
+
+
+class _ToFloat32:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float()
