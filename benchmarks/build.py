@@ -248,6 +248,7 @@ def build_loss(
             consistency=loss_config.get("consistency"),
             miner=miner,
             head_weights=loss_config.get("head_weights"),
+            collect_stats=True,  # the run's record-keeper logs every head's loss
         )
         return {"metric_loss": _regularize_prototypes(loss, embedder, prototype_kwargs)}, {}
     loss = _regularize_prototypes(make(int(embedder.embedding_size)), embedder, prototype_kwargs)

@@ -238,8 +238,15 @@ def test_deep_merge_rules():
     assert merged == {"embedder": {"type": "B"}, "opt": {"kwargs": {"lr": 3, "wd": 2}}}
     same = deep_merge(base, {"embedder": {"type": "A", "kwargs": {"y": 2}}})
     assert same["embedder"]["kwargs"] == {"x": 1, "y": 2}
-    keep = deep_merge(base, {"embedder": {"type": "B"}}, replace_on_kind_change=False)
-    assert keep["embedder"] == {"type": "B", "kwargs": {"x": 1}}
+    # Onto DEFAULTS: other keys stay, but kwargs belong to the class the base named.
+    keep = deep_merge(
+        {"embedder": {"type": "A", "kwargs": {"x": 1}, "root": "r"}},
+        {"embedder": {"type": "B"}},
+        replace_on_kind_change=False,
+    )
+    assert keep["embedder"] == {"type": "B", "root": "r"}
+    pruner = load_config(data={"tune": {"pruner": {"name": "none"}}})["tune"]["pruner"]
+    assert pruner == {"name": "none"}
     assert base["embedder"] == {"type": "A", "kwargs": {"x": 1}}  # inputs untouched
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pml_crt.models import NetVLAD
+from pml_crt.models import CRT, MultiHeadCRT, NetVLAD
 from pml_crt.models.prototype_init import init_from_data, kmeans, sample_descriptors
 
 
@@ -163,3 +163,30 @@ def test_an_embedder_without_descriptors_is_refused():
         init_from_data(torch.nn.Linear(6, 2), _Trunk(), _loader())
     with pytest.raises(TypeError, match="loader must yield image tensors"):
         init_from_data(NetVLAD(6, num_clusters=2), _Trunk(), [["a"]])
+
+
+def test_crt_and_multihead_prototypes_are_kmeans_of_their_projected_features():
+    torch.manual_seed(0)
+    trunk = _Trunk()
+    loader = _loader()
+    crt = CRT(6, embedding_size=8, num_prototypes=3, projection_dim=5)
+    multi = MultiHeadCRT(6, heads=[(4, 8), (2, 6)], projection_dim=5)
+    init_from_data(crt, trunk, loader, seed=2)
+    centres = init_from_data(multi, trunk, loader, seed=2)
+    for head, k, got in [(crt, 3, crt.prototypes), *zip(multi.heads, (4, 2), centres, strict=True)]:
+        with torch.no_grad():
+            features = torch.cat([head.project(trunk(x)).flatten(0, 1) for x, _ in loader])
+        expected = kmeans(features, k, seed=2)
+        torch.testing.assert_close(got.detach(), expected)
+        torch.testing.assert_close(head.prototypes.detach(), expected)
+
+
+def test_set_prototypes_checks_shape_and_values():
+    crt = CRT(6, embedding_size=8, num_prototypes=3, projection_dim=5)
+    with pytest.raises(ValueError, match=r"\(num_prototypes, projection_dim\) = \(3, 5\)"):
+        crt.set_prototypes(torch.randn(3, 6))
+    with pytest.raises(ValueError, match="prototypes contains NaN"):
+        crt.set_prototypes(torch.full((3, 5), float("nan")))
+    new = torch.randn(3, 5)
+    crt.set_prototypes(new)
+    assert torch.equal(crt.prototypes.detach(), new) and crt.prototypes.requires_grad

@@ -26,8 +26,10 @@ from pytorch_metric_learning.utils.module_with_records import ModuleWithRecords
 
 from ..utils.validation import (
     check_choice,
+    check_finite,
     check_number,
     check_positive_int,
+    check_tensor,
     feature_map_to_tokens,
 )
 from .input_projection import input_projection
@@ -219,6 +221,26 @@ class CRT(ModuleWithRecords):
                 torch.nn.init.orthogonal_(self.prototypes)
             else:
                 torch.nn.init.normal_(self.prototypes)
+
+    @torch.no_grad()
+    def set_prototypes(self, prototypes: torch.Tensor) -> None:
+        """Set the prototypes, e.g. to k-means centres of :meth:`project`'s features.
+
+        :func:`pml_crt.models.prototype_init.init_from_data` does this from a
+        data loader before training.
+
+        Args:
+            prototypes: ``(K, d)``, in the projected feature space.
+        """
+        prototypes = check_tensor(prototypes, "prototypes")
+        expected = (self.num_prototypes, self.projection_dim)
+        if tuple(prototypes.shape) != expected:
+            raise ValueError(
+                f"prototypes must have shape (num_prototypes, projection_dim) = {expected}, "
+                f"got {tuple(prototypes.shape)}"
+            )
+        check_finite(prototypes, "prototypes")
+        self.prototypes.copy_(prototypes)
 
     @property
     def temperature(self) -> torch.Tensor:

@@ -11,14 +11,15 @@ clusters them with :func:`kmeans` and hands the centres to the embedder::
     init_from_data(embedder, trunk, train_loader, max_descriptors=50_000)
 
 An embedder takes part by providing ``descriptors(x) -> (B, N, d)`` and
-``set_centroids(centers)`` with ``centers`` of shape ``(K, d)``
-(:class:`~pml_crt.models.NetVLAD`, :class:`~pml_crt.models.CRT`), or
+``set_centroids(centers)`` (:class:`~pml_crt.models.NetVLAD`), or
+``project(x) -> (B, N, d)`` and ``set_prototypes(prototypes)``
+(:class:`~pml_crt.models.CRT`), with centres of shape ``(K, d)``; or
 ``heads``, a sequence of such embedders (:class:`~pml_crt.models.MultiHeadCRT`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -159,7 +160,8 @@ def sample_descriptors(
     """Local descriptors of each embedder over the loader's images, sampled uniformly.
 
     Args:
-        embedders: modules with ``descriptors(x) -> (B, N, d)``.
+        embedders: modules with ``descriptors(x) -> (B, N, d)`` (NetVLAD) or
+            ``project(x) -> (B, N, d)`` (CRT).
         trunk: maps a batch of images to the ``(B, C, H, W)`` map (or ``(B, N, C)``
             tokens) the embedders take.
         loader: yields images ``(B, ...)`` or ``(images, labels)``.
@@ -182,7 +184,7 @@ def sample_descriptors(
         for batch in loader:
             features = trunk(_images(batch).to(device))
             for i, embedder in enumerate(embedders):
-                local = embedder.descriptors(features).flatten(0, 1).cpu()  # (B * N, d)
+                local = _describe(embedder)(features).flatten(0, 1).cpu()  # (B * N, d)
                 collected[i].append(local)
                 counts[i] += local.shape[0]
                 if counts[i] > 2 * max_descriptors:  # keep memory bounded while reading
@@ -203,12 +205,22 @@ def _leaf_embedders(embedder: torch.nn.Module) -> list[torch.nn.Module]:
     heads = getattr(embedder, "heads", None)
     leaves = list(heads) if heads is not None else [embedder]
     for leaf in leaves:
-        if not (hasattr(leaf, "descriptors") and hasattr(leaf, "set_centroids")):
+        if _describe(leaf) is None or _setter(leaf) is None:
             raise TypeError(
-                "embedder must provide descriptors(x) and set_centroids(centers) (NetVLAD, "
-                f"CRT) or heads of such modules (MultiHeadCRT); got {type(leaf).__name__}"
+                "embedder must provide descriptors(x) and set_centroids(centers) (NetVLAD), "
+                "project(x) and set_prototypes(prototypes) (CRT), or heads of such modules "
+                f"(MultiHeadCRT); got {type(leaf).__name__}"
             )
     return leaves
+
+
+def _describe(leaf: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The leaf's local descriptors ``(B, N, d)``: NetVLAD's ``descriptors``, CRT's ``project``."""
+    return getattr(leaf, "descriptors", None) or getattr(leaf, "project", None)
+
+
+def _setter(leaf: torch.nn.Module) -> Callable[[torch.Tensor], None] | None:
+    return getattr(leaf, "set_centroids", None) or getattr(leaf, "set_prototypes", None)
 
 
 def _clusters(leaf: torch.nn.Module) -> tuple[int, bool]:
@@ -252,6 +264,6 @@ def init_from_data(
         k, spherical = _clusters(leaf)
         parameter = next(leaf.parameters())
         centre = kmeans(sample, k, iterations=iterations, spherical=spherical, seed=seed)
-        leaf.set_centroids(centre.to(device=parameter.device, dtype=parameter.dtype))
+        _setter(leaf)(centre.to(device=parameter.device, dtype=parameter.dtype))
         centres.append(centre)
     return centres
