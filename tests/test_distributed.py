@@ -41,7 +41,7 @@ from pytorch_metric_learning import losses, miners, samplers
 from pytorch_metric_learning.utils import common_functions as pml_cf
 from torch.nn.parallel import DistributedDataParallel
 
-from pml_crt.losses import MultiHeadLoss, SimilarityConsistencyLoss
+from pml_crt.losses import MultiHeadLoss, PrototypeRegularizedLoss, SimilarityConsistencyLoss
 from pml_crt.models import MultiHeadCRT
 from pml_crt.regularizers import SimilarityConsistencyRegularizer
 from pml_crt.utils.distributed import (
@@ -66,7 +66,7 @@ CASES = (
     "regularizer",  # ContrastiveLoss + SimilarityConsistencyRegularizer on the concatenation
     "consistency_kl",  # SimilarityConsistencyLoss alone, "kl" with stop_gradient="larger"
     "proxies",  # ProxyAnchorLoss per head: the loss has parameters
-    "diversity",  # MultiHeadCRT(diversity_weight=...) adds a penalty gradient
+    "diversity",  # PrototypeRegularizedLoss: + weight * the prototypes' diversity penalty
 )
 WRAPPERS = ("ours", "pml", "none")
 # How sharply each case's loss turns a change of a similarity into a change of its
@@ -98,16 +98,16 @@ def _data(dtype: torch.dtype):
 
 def _model(case: str, dtype: torch.dtype) -> MultiHeadCRT:
     torch.manual_seed(1)
-    weight = 0.3 if case == "diversity" else 0.0
-    return MultiHeadCRT(8, heads=HEADS, diversity_weight=weight).to(dtype)
+    return MultiHeadCRT(8, heads=HEADS).to(dtype)
 
 
 def _miner():
     return miners.MultiSimilarityMiner(epsilon=0.02)
 
 
-def _loss(case: str, sizes: list[int], dtype: torch.dtype) -> torch.nn.Module:
+def _loss(case: str, model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     torch.manual_seed(2)
+    sizes = getattr(model, "module", model).embedding_sizes
     if case == "head_miner":
         loss = MultiHeadLoss(losses.MultiSimilarityLoss(), sizes, miner=_miner())
     elif case == "ref_emb":
@@ -121,6 +121,9 @@ def _loss(case: str, sizes: list[int], dtype: torch.dtype) -> torch.nn.Module:
         loss = SimilarityConsistencyLoss(sizes, mode="kl", stop_gradient="larger")
     elif case == "proxies":
         loss = MultiHeadLoss(lambda size: losses.ProxyAnchorLoss(NUM_CLASSES, size), sizes)
+    elif case == "diversity":
+        head_loss = MultiHeadLoss(losses.MultiSimilarityLoss(), sizes)
+        loss = PrototypeRegularizedLoss(head_loss, model, prototype_reg_weight=0.3)
     else:
         loss = MultiHeadLoss(losses.MultiSimilarityLoss(), sizes)
     return loss.to(dtype)
@@ -145,7 +148,7 @@ def _reference(case: str, dtype: torch.dtype):
     """Single process, full batch."""
     x, labels, ref_x, ref_labels = _data(dtype)
     model = _model(case, dtype)
-    loss_fn = _loss(case, model.embedding_sizes, dtype)
+    loss_fn = _loss(case, model, dtype)
     value, grads = _step(case, model, loss_fn, x, labels, ref_x, ref_labels)
     return value, grads, [p.grad.clone() for p in loss_fn.parameters()]
 
@@ -176,9 +179,15 @@ def _worker(rank: int, out_dir: str) -> None:
             for case in CASES:
                 for wrapper in WRAPPERS:
                     model = DistributedDataParallel(_model(case, dtype))
-                    loss = _loss(case, model.module.embedding_sizes, dtype)
+                    loss = _loss(case, model, dtype)
                     loss_fn, miner_wrapper = loss, None
-                    if wrapper != "none":
+                    if wrapper == "pml" and case == "diversity":
+                        # PML's wrapper multiplies its loss by W: the model term goes outside.
+                        loss_fn = PrototypeRegularizedLoss(
+                            DistributedLossWrapper(loss.loss), model, prototype_reg_weight=0.3
+                        )
+                        miner_wrapper = DistributedMinerWrapper
+                    elif wrapper != "none":
                         loss_fn = (
                             AllGatherLossWrapper if wrapper == "ours" else DistributedLossWrapper
                         )(loss)
@@ -280,12 +289,17 @@ def test_all_gather_loss_wrapper_matches_single_process(ranks, case, dtype_name)
 @pytest.mark.parametrize("dtype_name", DTYPES)
 @pytest.mark.parametrize("case", CASES)
 def test_pml_wrapper_matches_up_to_world_size(ranks, case, dtype_name):
-    """PML's wrapper: exact model gradients; loss value and loss-parameter gradients x W."""
+    """PML's wrapper: exact model gradients; loss value and loss-parameter gradients x W.
+
+    (With the prototype term outside PML's wrapper, only the wrapped part of the
+    value is multiplied by W, so the "diversity" case checks gradients only.)
+    """
     value, grads, loss_grads = _reference(case, torch.float64)
     tolerance = _tolerance(case, dtype_name)
     for result in ranks:
         rank_value, rank_grads, rank_loss_grads = result[dtype_name, case, "pml"]
-        _assert_close(rank_value, value, tolerance, scale=WORLD_SIZE)
+        if case != "diversity":
+            _assert_close(rank_value, value, tolerance, scale=WORLD_SIZE)
         for rank_grad, grad in zip(rank_grads, grads, strict=True):
             _assert_close(rank_grad, grad, tolerance)
         for rank_grad, grad in zip(rank_loss_grads, loss_grads, strict=True):

@@ -77,7 +77,7 @@ def test_compiled_trunk_and_crt_match_eager():
     torch._dynamo.reset()
     torch.manual_seed(0)
     trunk = SmallConvNet(1, (8,), pool_last=False)
-    embedder = CRT(trunk.out_channels, 6, 4, projection_dim=8, diversity_weight=0.1)
+    embedder = CRT(trunk.out_channels, 6, 4, projection_dim=8)
     model = torch.nn.Sequential(trunk, embedder).train()
     model64 = copy.deepcopy(model).double()
     x = torch.randn(4, 1, 6, 6)

@@ -30,9 +30,13 @@ class PrototypeRegularizedLoss(BaseMetricLossFunction):
     one loss the trainer back-propagates, so it is visible in the loss value
     and sub-losses, takes the trainer's ``loss_weights``, a ``GradScaler``'s
     scale and the ``1 / steps`` of gradient accumulation like the rest of the
-    loss, and works with stock trainers and PML's ``DistributedLossWrapper``
-    (it is a ``BaseMetricLossFunction``; every rank adds the same term to its
-    loss, which DDP's gradient mean leaves unchanged).
+    loss, and works with stock trainers. Under DDP every rank adds the same
+    term, which DDP's gradient mean leaves unchanged; PML's
+    ``DistributedLossWrapper`` multiplies the loss it wraps by the world size,
+    so with it wrap the other way round,
+    ``PrototypeRegularizedLoss(DistributedLossWrapper(loss), model)``
+    (:class:`~pml_crt.utils.distributed.AllGatherLossWrapper` may wrap this
+    loss whole).
 
     ``model`` is referenced, not registered as a submodule: the wrapper's
     ``parameters()`` and ``state_dict()`` hold only the wrapped loss's (and the
