@@ -18,7 +18,7 @@ Changes measured:
   their input projections run as one stacked GEMM;
 - ``GlobalPoolEmbedder(pooling="gem")``: ``x ** p`` as ``exp(p * log x)``
   (no transcendental functions in backward);
-- ``CRT`` (refactored into ``_code``/``_embed`` only) and the average-pool
+- ``CRT`` (refactored into private code/embed steps only) and the average-pool
   head (unchanged) as controls.
 """
 

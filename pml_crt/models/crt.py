@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.utils.module_with_records import ModuleWithRecords
 
+from ..utils.layout import feature_map_to_tokens
 from ..utils.validation import (
     check_choice,
     check_finite,
     check_number,
     check_positive_int,
     check_tensor,
-    feature_map_to_tokens,
 )
 from .input_projection import input_projection
 

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.utils.module_with_records import ModuleWithRecords
 
-from ..utils.validation import check_choice, check_number, check_positive_int, feature_map_to_tokens
+from ..utils.layout import feature_map_to_tokens
+from ..utils.validation import check_choice, check_number, check_positive_int
 
 Pooling = Literal["avg", "max", "gem"]
 

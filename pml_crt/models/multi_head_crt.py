@@ -9,7 +9,8 @@ from typing import Any, Literal
 import torch
 from pytorch_metric_learning.utils.module_with_records import ModuleWithRecords
 
-from ..utils.validation import check_choice, feature_map_to_tokens
+from ..utils.layout import feature_map_to_tokens
+from ..utils.validation import check_choice
 from .crt import CRT
 from .input_projection import project_jointly
 

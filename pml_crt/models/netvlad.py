@@ -11,12 +11,8 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.utils.module_with_records import ModuleWithRecords
 
-from ..utils.validation import (
-    check_number,
-    check_positive_int,
-    check_tensor,
-    feature_map_to_tokens,
-)
+from ..utils.layout import feature_map_to_tokens
+from ..utils.validation import check_number, check_positive_int, check_tensor
 from .input_projection import input_projection
 
 _EPS = 1e-12
