@@ -32,13 +32,16 @@ from ..utils.validation import (
     check_positive_int,
     check_tensor,
 )
+from .fusion import PrototypeWiseLinear
+from .global_pool_embedder import GlobalPoolEmbedder
 from .input_projection import input_projection
 
 __all__ = ["CRT", "prototype_diversity_losses", "prototype_diversity_penalty"]
 
 Assignment = Literal["prototypes", "positions"]
 Residual = Literal["orthogonal", "prototype"]
-Fusion = Literal["flatten", "sum"]
+Fusion = Literal["flatten", "sum", "prototype_wise"]
+GlobalPooling = Literal["avg", "max", "gem"]
 PrototypeInit = Literal["orthogonal", "normal"]
 
 _EPS = 1e-12
@@ -72,6 +75,15 @@ def prototype_diversity_penalty(prototypes: torch.Tensor) -> torch.Tensor:
     return prototype_diversity_losses(prototypes).mean()
 
 
+def _fusion(fusion: str, num_prototypes: int, width: int, embedding_size: int) -> torch.nn.Module:
+    """The fusion module of ``(B, K, d)`` coded residuals (see ``CRT``'s ``fusion``)."""
+    if fusion == "flatten":
+        return torch.nn.Linear(num_prototypes * width, embedding_size)
+    if fusion == "sum":
+        return torch.nn.Linear(width, embedding_size)
+    return PrototypeWiseLinear(num_prototypes, width, embedding_size)
+
+
 class CRT(ModuleWithRecords):
     """One Coded Residual Transform head.
 
@@ -86,8 +98,9 @@ class CRT(ModuleWithRecords):
     ``P`` (``residual="orthogonal"``, so ``r_nk = x_n - <x_n, p̂_k> p̂_k``).
     Memory is ``O(B*N*K + B*K*d)``.
 
-    ``forward(x)`` is ``embed(encode(x))``; ``encode(x)`` is
-    ``encode_projected(project(x))``. These public steps, the input projection
+    ``forward(x)`` is ``embed(encode(x), tokens(x))``; ``encode(x)`` is
+    ``encode_projected(project(x))`` and ``project(x)`` is
+    ``projection(tokens(x))``. These public steps, the input projection
     :attr:`projection` and :meth:`diversity_penalty` are the API that
     :class:`~pml_crt.models.MultiHeadCRT` builds on.
 
@@ -98,8 +111,11 @@ class CRT(ModuleWithRecords):
             ``projection_dim=0``; state-dict keys ``projection.0.*`` and
             ``projection.1.*``.
         prototypes: the ``(K, d)`` prototype matrix ``P``, a parameter.
-        fuse: the fusion ``Linear``, ``K*d -> D`` (``"flatten"``) or ``d -> D``
-            (``"sum"``).
+        fuse: the fusion, ``Linear(K*d, D)`` (``"flatten"``), ``Linear(d, D)``
+            (``"sum"``) or a :class:`~pml_crt.models.fusion.PrototypeWiseLinear`.
+        global_branch: with ``global_pooling``, the
+            :class:`~pml_crt.models.GlobalPoolEmbedder` added to the fused
+            coded residuals; else ``None``.
 
     Args:
         in_channels: ``C``, the trunk's channel count.
@@ -117,7 +133,16 @@ class CRT(ModuleWithRecords):
         temperature_bounds: ``(T_min, T_max)``; ``T = T_min + (T_max - T_min) * sigmoid(t)``.
         fusion: ``"flatten"`` maps the flattened ``K * d`` coded residuals to
             ``D`` with one Linear; ``"sum"`` applies one shared Linear ``d -> D``
-            to every prototype's coded residual and sums over prototypes.
+            to every prototype's coded residual and sums over prototypes;
+            ``"prototype_wise"`` projects each prototype's coded residual to
+            ``D / K`` values with its own ``Linear(d, D/K)`` and concatenates
+            (``d * D`` weights instead of ``K * d * D``; ``D`` a multiple of ``K``).
+        global_pooling: ``None``, or ``"avg"``, ``"max"``, ``"gem"``: add a global
+            branch, the input pooled and mapped by ``Linear(C, D)`` (a
+            :class:`~pml_crt.models.GlobalPoolEmbedder`), to the fused coded
+            residuals. The fusion then starts at zero (weights and bias), so
+            training starts from the pooling head and the coded residuals add
+            only what the loss finds useful.
         prototype_init: ``"orthogonal"`` (diversified) or ``"normal"``.
         diversity_weight: deprecated and without effect on training. A value
             other than 0 emits a ``FutureWarning`` and is only stored as the
@@ -142,6 +167,7 @@ class CRT(ModuleWithRecords):
         learn_temperature: bool = True,
         temperature_bounds: tuple[float, float] = (0.01, 1.0),
         fusion: Fusion = "flatten",
+        global_pooling: GlobalPooling | None = None,
         prototype_init: PrototypeInit = "orthogonal",
         diversity_weight: float = 0.0,
         check_inputs: bool = True,
@@ -152,7 +178,9 @@ class CRT(ModuleWithRecords):
         check_positive_int(num_prototypes, "num_prototypes")
         check_choice(assignment, "assignment", ("prototypes", "positions"))
         check_choice(residual, "residual", ("orthogonal", "prototype"))
-        check_choice(fusion, "fusion", ("flatten", "sum"))
+        check_choice(fusion, "fusion", ("flatten", "sum", "prototype_wise"))
+        if global_pooling is not None:
+            check_choice(global_pooling, "global_pooling", ("avg", "max", "gem"))
         check_choice(prototype_init, "prototype_init", ("orthogonal", "normal"))
         t_min, t_max = (float(t) for t in temperature_bounds)
         if not 0 < t_min < temperature < t_max:
@@ -199,10 +227,17 @@ class CRT(ModuleWithRecords):
             self.raw_temperature = torch.nn.Parameter(raw_temperature)
         else:
             self.register_buffer("raw_temperature", raw_temperature)
-        if fusion == "flatten":
-            self.fuse = torch.nn.Linear(num_prototypes * projection_dim, embedding_size)
-        else:
-            self.fuse = torch.nn.Linear(projection_dim, embedding_size)
+        self.global_pooling = global_pooling
+        self.fuse = _fusion(fusion, num_prototypes, projection_dim, embedding_size)
+        self.global_branch = None
+        if global_pooling is not None:
+            # The input is checked once, by this module.
+            self.global_branch = GlobalPoolEmbedder(
+                in_channels, embedding_size, pooling=global_pooling, check_inputs=False
+            )
+            with torch.no_grad():
+                for parameter in self.fuse.parameters():
+                    parameter.zero_()
         self.reset_prototypes()
         self.add_to_recordable_attributes(
             list_of_names=[
@@ -262,20 +297,30 @@ class CRT(ModuleWithRecords):
         """
         return prototype_diversity_penalty(self.prototypes)
 
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        """Check ``x``, flatten it to tokens and apply the input projection.
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Check ``x`` and flatten it to tokens.
 
         Args:
             x: ``(B, C, H, W)`` feature map or ``(B, N, C)`` token sequence
                 (``N = H * W``, row-major).
 
         Returns:
-            ``(B, N, d)`` projected features ``X``.
+            ``(B, N, C)``.
         """
-        tokens = feature_map_to_tokens(
+        return feature_map_to_tokens(
             x, self.in_channels, "x", self.check_inputs, self.prototypes.dtype
         )
-        return self.projection(tokens)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Check ``x``, flatten it to tokens and apply the input projection.
+
+        Args:
+            x: ``(B, C, H, W)`` feature map or ``(B, N, C)`` token sequence.
+
+        Returns:
+            ``(B, N, d)`` projected features ``X``.
+        """
+        return self.projection(self.tokens(x))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Per-prototype L2-normalised coded residuals of a feature map.
@@ -316,21 +361,34 @@ class CRT(ModuleWithRecords):
             coded = weighted_sum - coefficients.unsqueeze(-1) * unit_prototypes
         return F.normalize(coded, dim=-1, eps=_EPS)
 
-    def embed(self, coded: torch.Tensor) -> torch.Tensor:
-        """Fuse coded residuals into embeddings with :attr:`fuse`.
+    def embed(self, coded: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Fuse coded residuals into embeddings with :attr:`fuse` (+ the global branch).
 
         Args:
             coded: ``(B, K, d)``, e.g. :meth:`encode`'s output.
+            tokens: ``(B, N, C)``, :meth:`tokens`' output; needed (only) with
+                ``global_pooling``, whose branch pools them.
 
         Returns:
             ``(B, embedding_size)`` embeddings (not normalised).
         """
         if self.fusion == "flatten":
-            return self.fuse(coded.flatten(1))
-        return self.fuse(coded).sum(dim=1)
+            embeddings = self.fuse(coded.flatten(1))
+        elif self.fusion == "sum":
+            embeddings = self.fuse(coded).sum(dim=1)
+        else:
+            embeddings = self.fuse(coded)
+        if self.global_branch is None:
+            return embeddings
+        if tokens is None:
+            raise ValueError(
+                "embed(coded, tokens): tokens (B, N, C), the input as tokens, is required "
+                f"with global_pooling={self.global_pooling!r}"
+            )
+        return embeddings + self.global_branch(tokens)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Embed a feature map: ``embed(encode(x))``.
+        """Embed a feature map: ``embed(encode(x), tokens(x))``.
 
         Args:
             x: ``(B, C, H, W)`` feature map or ``(B, N, C)`` token sequence,
@@ -342,11 +400,13 @@ class CRT(ModuleWithRecords):
             ``(B, embedding_size)`` embeddings (not normalised; PML's distances
             and testers normalise).
         """
-        return self.embed(self.encode(x))
+        tokens = self.tokens(x)
+        return self.embed(self.encode_projected(self.projection(tokens)), tokens)
 
     def extra_repr(self) -> str:
         return (
             f"in_channels={self.in_channels}, embedding_size={self.embedding_size}, "
             f"num_prototypes={self.num_prototypes}, projection_dim={self.projection_dim}, "
             f"assignment={self.assignment!r}, residual={self.residual!r}, fusion={self.fusion!r}"
+            + ("" if self.global_pooling is None else f", global_pooling={self.global_pooling!r}")
         )

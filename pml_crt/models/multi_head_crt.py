@@ -113,7 +113,7 @@ class MultiHeadCRT(ModuleWithRecords):
         projections (``Linear(C, d_h)``) run as one matrix product with the
         weights stacked, ``(B*N, C) @ (C, sum_h d_h)``, before each head's
         LayerNorm (:func:`~pml_crt.models.input_projection.project_jointly`);
-        then each head runs ``embed(encode_projected(features))``. The result
+        then each head runs ``embed(encode_projected(features), tokens)``. The result
         equals running every head on its own.
 
         Args:
@@ -134,7 +134,7 @@ class MultiHeadCRT(ModuleWithRecords):
         features = project_jointly([head.projection for head in self.heads], tokens)
         return torch.cat(
             [
-                head.embed(head.encode_projected(f))
+                head.embed(head.encode_projected(f), tokens)
                 for head, f in zip(self.heads, features, strict=True)
             ],
             dim=1,
