@@ -69,6 +69,10 @@ DEFAULTS: dict[str, Any] = {
     "embedder": {
         "type": "GlobalPoolEmbedder",  # GlobalPoolEmbedder | NetVLAD | CRT | MultiHeadCRT | frozen
         "kwargs": {},
+        # NetVLAD / CRT / MultiHeadCRT: {max_descriptors, iterations} runs k-means of the
+        # embedder's descriptors on the unit's training classes before training
+        # (pml_crt.models.prototype_init.init_from_data); {} takes its defaults.
+        "init_from_data": None,
     },
     "loss": {
         "name": "MultiSimilarityLoss",  # a class of pytorch_metric_learning.losses
@@ -139,6 +143,7 @@ _TYPES_OF_NONE_DEFAULTS: dict[tuple[str, ...], type] = {
     ("trunk", "weights_path"): str,
     ("trunk", "hub_dir"): str,
     ("loss", "consistency"): dict,
+    ("embedder", "init_from_data"): dict,
     ("loss", "head_weights"): list,
     ("miner",): dict,
     ("methods",): dict,
@@ -150,7 +155,16 @@ _NULLABLE = {
     ("training", "patience"),  # null: no early stopping
 }
 # Sections with free-form contents: not checked below their top level.
-_FREE_FORM = {"kwargs", "optimizers", "consistency", "miner", "methods", "search_space", "sampler"}
+_FREE_FORM = {
+    "kwargs",
+    "optimizers",
+    "consistency",
+    "miner",
+    "methods",
+    "search_space",
+    "sampler",
+    "init_from_data",
+}
 
 _NAMED_KEYS = ("type", "name")
 

@@ -28,7 +28,9 @@ import numpy as np
 import torch
 from pytorch_metric_learning import samplers, testers, trainers
 from pytorch_metric_learning.utils import logging_presets
+from torch.utils.data import DataLoader, Dataset
 
+from pml_crt.models.prototype_init import init_from_data
 from pml_crt.utils import make_accuracy_calculator
 from pml_crt.utils.distributed import RankShardSampler
 
@@ -199,6 +201,29 @@ def _record_keeper(folder: Path, launch: ddp.Launch) -> tuple[Any, Any]:
     return record_keeper, tensorboard
 
 
+def _init_from_data(
+    config: Mapping[str, Any],
+    embedder: torch.nn.Module,
+    trunk: torch.nn.Module,
+    train_classes: Dataset,
+    seed: int,
+) -> None:
+    """k-means prototypes / centroids from the training classes' images (eval transform)."""
+    kind = config["embedder"]["type"]
+    if kind not in ("NetVLAD", "CRT", "MultiHeadCRT"):
+        raise ConfigError(
+            f"embedder.init_from_data needs a NetVLAD, CRT or MultiHeadCRT embedder, got {kind}"
+        )
+    options = dict(config["embedder"]["init_from_data"])
+    unknown = set(options) - {"max_descriptors", "iterations"}
+    if unknown:
+        raise ConfigError(
+            f"embedder.init_from_data takes max_descriptors and iterations, got {sorted(unknown)}"
+        )
+    loader = DataLoader(train_classes, batch_size=int(config["eval"]["batch_size"]))
+    init_from_data(embedder, trunk, loader, seed=seed, **options)
+
+
 def _build_unit(
     config: Mapping[str, Any],
     seed: int,
@@ -216,6 +241,8 @@ def _build_unit(
     trunk = build_trunk(config["trunk"], source.channels, hub_dir).to(device)
     trunk, all_train, all_eval = _inputs(config, trunk, data, device)
     embedder = build_embedder(config["embedder"], int(trunk.out_channels)).to(device)
+    if config["embedder"].get("init_from_data") is not None:
+        _init_from_data(config, embedder, trunk, class_subset(all_eval, split.train), seed)
     calculator = make_calculator(config)
     record_keeper, tensorboard = _record_keeper(folder, launch)
     # On other ranks than 0 the container only names what is checkpointed.

@@ -949,3 +949,48 @@ def test_published_table_names_the_commits_and_time_of_its_units(tmp_path):
     text = (tmp_path / "out" / "t.md").read_text()
     assert "The units ran the code of commit `c1` (2 units), `c2` (1 units)" in text
     assert "Time of the 3 finished units, summed: 2.0 min" in text  # (40 + 41 + 40) s
+
+
+@needs_omniglot
+def test_init_from_data_clusters_the_training_classes_before_training(tmp_path, monkeypatch):
+    from benchmarks import unit as unit_module
+    from benchmarks.splits import mlrc_split
+
+    calls = []
+    original = unit_module.init_from_data
+
+    def recording(embedder, trunk, loader, **kwargs):
+        labels = {int(label) for _, batch_labels in loader for label in batch_labels}
+        calls.append((type(embedder).__name__, labels, kwargs))
+        return original(embedder, trunk, loader, **kwargs)
+
+    monkeypatch.setattr(unit_module, "init_from_data", recording)
+    overrides = [
+        *TINY_OMNIGLOT,
+        "trunk.kwargs.channels=[8, 8, 8, 8]",
+        "methods.netvlad.embedder.init_from_data={max_descriptors: 300}",
+        "methods.multihead_crt.embedder.init_from_data={}",
+    ]
+    config = load_config(CONFIGS / "omniglot_compare.yaml", overrides)
+    result = bench.run_benchmark(
+        config, tmp_path, methods=["netvlad", "multihead_crt"], log=lambda m: None, progress=False
+    )
+    assert {row["method"] for row in result["rows"]} == {"netvlad", "multihead_crt"}
+    split = mlrc_split(16, 0, 4)
+    assert [(name, kwargs) for name, _, kwargs in calls] == [
+        ("NetVLAD", {"seed": 0, "max_descriptors": 300}),
+        ("MultiHeadCRT", {"seed": 0}),
+    ]
+    for _, labels, _ in calls:
+        assert labels == set(split.train), "k-means saw classes other than the training ones"
+    with pytest.raises(ConfigError, match="init_from_data needs a NetVLAD, CRT or MultiHeadCRT"):
+        bench.run_benchmark(
+            load_config(
+                CONFIGS / "omniglot_compare.yaml",
+                [*overrides, "methods.global_avg.embedder.init_from_data={}"],
+            ),
+            tmp_path / "bad",
+            methods=["global_avg"],
+            log=lambda m: None,
+            progress=False,
+        )
