@@ -642,6 +642,39 @@ def eval_section(es: dict, folder: Path, rel: str) -> str:
     return "\n".join(out)
 
 
+def step_time_section(st: dict) -> str:
+    """Section 5: one training step of the library now against a baseline revision."""
+    out = [
+        "## 5. One training step, now vs a baseline revision",
+        "",
+        f'Command: `{st["command"]}` ("baseline" = `pml_crt` at git `{st["baseline_rev"]}`; '
+        f"device {st['device']}). Forward, backward and SGD step with PML's Multi-Similarity "
+        "loss and miner; both sides timed back to back in rotating order. The ratio is the "
+        "geometric mean of the per-round ratios with its 95% CI; host reads are the "
+        "device-to-host reads of one step (a synchronisation each on an accelerator).",
+        "",
+    ]
+    rows = []
+    for c in st["cases"]:
+        paired = c["now_vs_baseline_paired"]
+        syncs = c["host_syncs"]
+        rows.append(
+            [
+                c["case"],
+                str(tuple(c["input_shape"])),
+                ms(c["baseline"]["median_s"]),
+                ms(c["now"]["median_s"]),
+                f"{ratio(paired['geomean'])} [{ratio(paired['ci95_low'])}, "
+                f"{ratio(paired['ci95_high'])}]",
+                f"{syncs['baseline']['total']} -> {syncs['now']['total']}",
+                ", ".join(f"{x:.1f}" for x in c["load_average"]),
+            ]
+        )
+    header = ["step", "input", "baseline ms", "now ms", "now / baseline", "host reads", "load"]
+    out += [table(header, rows), ""]
+    return "\n".join(out)
+
+
 def changes_section(mc: dict) -> str:
     out = [
         "## 4. Model-code changes, before vs after",
@@ -822,7 +855,7 @@ def main(argv: list[str] | None = None) -> Path:
     folder = args.results
     md = args.md or folder.parent / ("perf_quick.md" if args.quick else "perf.md")
     runs = {}
-    for name in ("head_cost", "compile", "eval_scale", "model_changes"):
+    for name in ("head_cost", "compile", "eval_scale", "model_changes", "step_time"):
         data = load(folder / f"{name}{suffix}.json")
         if data is not None:
             runs[name] = data
@@ -848,6 +881,8 @@ def main(argv: list[str] | None = None) -> Path:
         parts.append(eval_section(runs["eval_scale"], folder, rel))
     if "model_changes" in runs:
         parts.append(changes_section(runs["model_changes"]))
+    if "step_time" in runs:
+        parts.append(step_time_section(runs["step_time"]))
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text("\n".join(parts).rstrip() + "\n")
     print(f"wrote {md}")
