@@ -129,6 +129,7 @@ DEFAULTS: dict[str, Any] = {
         "seed": 0,  # TPE's seed (plus the trial's index)
         "sampler": {},  # optuna.samplers.TPESampler keyword arguments
         "pruner": {"name": "median", "kwargs": {"n_startup_trials": 5, "n_warmup_steps": 1}},
+        "tuned_from": None,  # set in best.yaml: the name of the config whose search it holds
     },
 }
 
@@ -144,6 +145,7 @@ _TYPES_OF_NONE_DEFAULTS: dict[tuple[str, ...], type] = {
     ("trunk", "hub_dir"): str,
     ("loss", "consistency"): dict,
     ("embedder", "init_from_data"): dict,
+    ("tune", "tuned_from"): str,
     ("loss", "head_weights"): list,
     ("miner",): dict,
     ("methods",): dict,

@@ -240,6 +240,13 @@ def table_header(config: Mapping[str, Any], source: Source) -> str:
     header += f"MLRC split, folds {folds} of {config['num_folds']}"
     if report_split(config) == "val":
         header += "; VALIDATION classes only (the test classes were never embedded)"
+    tune = config.get("tune") or {}
+    if tune.get("tuned_from"):
+        header += (
+            f". Every trained method runs with the best of its {tune['trials']} trials of "
+            f"`python -m benchmarks.tune` on validation classes (seeds {tune['seeds']}, folds "
+            f"{tune['folds']}), the same budget for every method: `{tune['tuned_from']}_tuning.md`"
+        )
     return header + ".\n\n"
 
 

@@ -24,7 +24,7 @@ from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import logging_presets
 
 from . import distributed as ddp
-from .config import UserError
+from .config import DEFAULTS, UserError, deep_merge
 from .layout import EMBEDDINGS, MARKER, RESUME, Log, write_atomic
 from .provenance import environment
 
@@ -50,6 +50,7 @@ _NON_SEMANTIC = {
     ("training", "log_freq"),
     ("eval", "batch_size"),
     ("eval", "prefer_faiss"),
+    ("tune",),  # how a search runs; a unit's config already holds the parameters it chose
 }
 
 
@@ -70,8 +71,11 @@ def check_previous(folder: Path, config: Mapping[str, Any], seed: int, fold: int
     stored_path = folder / "config.yaml"
     if not stored_path.exists():
         return
-    stored = yaml.safe_load(stored_path.read_text())
-    current = json.loads(json.dumps({**config, "seed": seed, "fold": fold}))
+    # A unit run before a config key existed stored no value for it: it ran with the
+    # key's default, so both sides are completed with DEFAULTS before comparing.
+    stored = deep_merge(DEFAULTS, yaml.safe_load(stored_path.read_text()), False)
+    current = deep_merge(DEFAULTS, {**config, "seed": seed, "fold": fold}, False)
+    current = json.loads(json.dumps(current))
     if semantic_config(stored) != semantic_config(current):
         raise UserError(
             f"{folder} was run with a different config (see its config.yaml). Use another "

@@ -616,6 +616,7 @@ def best_config(config: Mapping[str, Any], best: Mapping[str, Mapping[str, Any]]
     tuned = json.loads(json.dumps(config))
     tuned.pop("search_space", None)
     tuned["name"] = f"{config['name']}_tuned"
+    tuned["tune"] = {**tuned["tune"], "tuned_from": str(config["name"])}
     for partial in (tuned.get("methods") or {}).values():
         (partial or {}).pop("search_space", None)
     for name, params in best.items():

@@ -586,6 +586,11 @@ def test_omniglot_quick_tiny_end_to_end_and_resume(tmp_path, capsys):
     assert stopped.value.code == 2 and "different config" in capsys.readouterr().err
     # ... but keys that do not change results may differ.
     assert bench.main(argv + ["--set", "eval.batch_size=32"])["units_skipped"] == 3
+    # A unit stored before a config key existed ran with its default: still reused.
+    stored = yaml.safe_load((unit / "config.yaml").read_text())
+    assert stored["training"].pop("keep_checkpoints") == "best"  # the default
+    (unit / "config.yaml").write_text(yaml.safe_dump(stored))
+    assert bench.main(argv)["units_skipped"] == 3
 
 
 @needs_omniglot

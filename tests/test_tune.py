@@ -20,6 +20,7 @@ import os
 import signal
 import statistics
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -31,6 +32,7 @@ from benchmarks import tune
 from benchmarks.config import load_config, method_config, method_names
 from benchmarks.layout import RESULTS
 from benchmarks.pipeline import DataPipeline
+from benchmarks.results import table_header
 from benchmarks.splits import mlrc_split
 from pml_crt.utils.validation import NonFiniteError
 from tests.test_benchmark_resume import _marker_epoch, _start, _wait_for_marker
@@ -202,8 +204,17 @@ def test_best_yaml_is_a_config_the_runner_takes(tmp_path):
     assert method["embedder"] == {
         "type": "GlobalPoolEmbedder",
         "kwargs": {"embedding_size": 32, "pooling": "gem"},
+        "init_from_data": None,
     }
     assert method["eval"]["split"] == "test" and tuned["seeds"] == TINY["seeds"]
+    # The final runs' published table states the equal budget and where the search is.
+    assert tuned["tune"]["tuned_from"] == "tiny_tune"
+    header = table_header(tuned, SimpleNamespace(num_classes=16, labels=[0] * 320))
+    assert (
+        f"the best of its {TRIALS} trials of `python -m benchmarks.tune` on validation classes "
+        "(seeds [0], folds [0]), the same budget for every method: `tiny_tune_tuning.md`"
+    ) in header
+    assert "benchmarks.tune" not in table_header(config, SimpleNamespace(num_classes=16, labels=[]))
 
 
 def test_trials_below_the_median_are_pruned_and_not_rerun(tmp_path):
