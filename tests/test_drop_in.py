@@ -61,9 +61,7 @@ def test_stock_pml_pipeline_trains_and_logs_crt(splits, tmp_path, seeded_global_
     logging.getLogger("PML").setLevel(logging.WARNING)
     trunk = SmallConvNet(1, channels=(32, 32, 64), pool_last=False)
     embedder = MultiHeadCRT(trunk.out_channels, heads=[(8, 32), (4, 16)])
-    loss = MultiHeadLoss(
-        losses.MultiSimilarityLoss(), embedder.embedding_sizes, collect_stats=True
-    )
+    loss = MultiHeadLoss(losses.MultiSimilarityLoss(), embedder.embedding_sizes, collect_stats=True)
     last_call = {}
 
     def keep_embeddings(module, args):  # what the trainer last handed the loss
