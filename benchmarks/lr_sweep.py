@@ -6,8 +6,10 @@
 
 Every chosen method of the config is run once per learning rate, with the same
 budget, on validation classes only (``eval.split: val``): the default optimiser
-(the heads' and parametric losses') gets the learning rate, and a ``trunk``
-optimiser, where the config has one, keeps its ratio to the default one. The
+(the heads' and parametric losses') gets the learning rate, and the trunk keeps
+the optimiser it has in the config (its ``trunk`` one, or else the default one
+at the config's learning rate), so only the head's learning rate varies and a
+collapse at a high rate is the head's, not the trunk's. The
 runs are ordinary runner units in ``<out>/<name>_lr_sweep/`` (resumable); the
 published files are the runner's table (``<name>_lr_sweep.md``/``.csv``) plus a
 pivot, ``<name>_lr_sweep_by_lr.md``, one row per head and one column per
@@ -46,14 +48,12 @@ def sweep_config(
     for name in methods:
         base = method_config(config, name)
         default = base["optimizers"]["default"]
-        trunk = base["optimizers"].get("trunk")
+        trunk = base["optimizers"].get("trunk") or default
         for lr in lrs:
             method = copy.deepcopy(config["methods"][name])
             optimizers = method.setdefault("optimizers", {})
             optimizers["default"] = {**default, "kwargs": {**default["kwargs"], "lr": lr}}
-            if trunk:
-                ratio = float(trunk["kwargs"]["lr"]) / float(default["kwargs"]["lr"])
-                optimizers["trunk"] = {**trunk, "kwargs": {**trunk["kwargs"], "lr": lr * ratio}}
+            optimizers["trunk"] = copy.deepcopy(trunk)
             swept[f"{name}_{lr_label(lr)}"] = method
     out = {k: copy.deepcopy(v) for k, v in config.items() if k != "methods"}
     out["name"] = f"{config['name']}_lr_sweep"

@@ -37,15 +37,24 @@ TINY = {
 }
 
 
-def test_sweep_config_sets_each_lr_keeps_the_trunk_ratio_and_validates():
+def test_sweep_config_sets_each_head_lr_and_keeps_the_trunk_optimizer():
     config = load_config(data=TINY)
     swept = lr_sweep.sweep_config(config, ["pool", "crt"], [1e-5, 1e-2])
     assert swept["name"] == "tiny_sweep_lr_sweep" and swept["eval"]["split"] == "val"
     assert list(swept["methods"]) == ["pool_lr1e-05", "pool_lr1e-02", "crt_lr1e-05", "crt_lr1e-02"]
     method = method_config(load_config(data=swept), "crt_lr1e-02")
     assert method["optimizers"]["default"]["kwargs"] == {"lr": 1e-2, "weight_decay": 1e-4}
-    assert method["optimizers"]["trunk"]["kwargs"]["lr"] == pytest.approx(1e-3)
+    assert method["optimizers"]["trunk"] == {"name": "Adam", "kwargs": {"lr": 1e-4}}
     assert method["embedder"]["type"] == "CRT"
+
+
+def test_sweep_config_without_a_trunk_optimizer_pins_the_trunk_to_the_config_default():
+    # A from-scratch trunk trained by the default optimiser keeps the config's rate.
+    data = {**TINY, "optimizers": {"default": TINY["optimizers"]["default"]}}
+    swept = lr_sweep.sweep_config(load_config(data=data), ["pool"], [1e-2])
+    method = method_config(load_config(data=swept), "pool_lr1e-02")
+    assert method["optimizers"]["default"]["kwargs"]["lr"] == 1e-2
+    assert method["optimizers"]["trunk"]["kwargs"] == {"lr": 1e-3, "weight_decay": 1e-4}
 
 
 def test_pivot_table_rows_columns_and_best():

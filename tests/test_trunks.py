@@ -221,6 +221,16 @@ def test_small_convnet_shapes(side, pool_last, expected_side):
     assert all(p.grad is not None for p in net.parameters())
 
 
+@pytest.mark.parametrize("num_pools, expected_side", [(0, 28), (2, 7), (3, 3), (4, 1)])
+def test_small_convnet_num_pools(num_pools, expected_side):
+    net = SmallConvNet(1, channels=(4, 4, 4, 8), num_pools=num_pools)
+    assert net.stride == 2**num_pools and net.num_pools == num_pools
+    assert net.pool_last == (num_pools == 4)
+    pools = [isinstance(block[-1], torch.nn.MaxPool2d) for block in net.blocks]
+    assert pools == [i < num_pools for i in range(4)]
+    assert net(torch.randn(2, 1, 28, 28)).shape == (2, 8, expected_side, expected_side)
+
+
 def test_small_convnet_defaults_and_validation():
     net = SmallConvNet()
     assert net.out_channels == 64 and net.stride == 16
@@ -233,6 +243,12 @@ def test_small_convnet_defaults_and_validation():
         SmallConvNet(channels=(8, 0))
     with pytest.raises(ValueError, match="odd"):
         SmallConvNet(kernel_size=4)
+    with pytest.raises(ValueError, match="not both"):
+        SmallConvNet(pool_last=False, num_pools=2)
+    with pytest.raises(ValueError, match=r"num_pools must lie in \[0, len\(channels\)\]"):
+        SmallConvNet(channels=(4, 4), num_pools=3)
+    with pytest.raises(TypeError, match="num_pools must be an int"):
+        SmallConvNet(num_pools=2.0)
 
 
 def test_googlenet_weights_code_path_with_a_stand_in_checkpoint(offline_torch_home):

@@ -32,7 +32,7 @@ from ..utils.validation import (
     check_positive_int,
     check_tensor,
 )
-from .fusion import PrototypeWiseLinear
+from .fusion import PrototypeWiseLinear, StepScaledLinear
 from .global_pool_embedder import GlobalPoolEmbedder
 from .input_projection import input_projection
 
@@ -75,9 +75,13 @@ def prototype_diversity_penalty(prototypes: torch.Tensor) -> torch.Tensor:
     return prototype_diversity_losses(prototypes).mean()
 
 
-def _fusion(fusion: str, num_prototypes: int, width: int, embedding_size: int) -> torch.nn.Module:
+def _fusion(
+    fusion: str, num_prototypes: int, width: int, embedding_size: int, scale_step: bool
+) -> torch.nn.Module:
     """The fusion module of ``(B, K, d)`` coded residuals (see ``CRT``'s ``fusion``)."""
     if fusion == "flatten":
+        if scale_step:
+            return StepScaledLinear(num_prototypes * width, embedding_size, 1.0 / num_prototypes)
         return torch.nn.Linear(num_prototypes * width, embedding_size)
     if fusion == "sum":
         return torch.nn.Linear(width, embedding_size)
@@ -111,8 +115,10 @@ class CRT(ModuleWithRecords):
             ``projection_dim=0``; state-dict keys ``projection.0.*`` and
             ``projection.1.*``.
         prototypes: the ``(K, d)`` prototype matrix ``P``, a parameter.
-        fuse: the fusion, ``Linear(K*d, D)`` (``"flatten"``), ``Linear(d, D)``
-            (``"sum"``) or a :class:`~pml_crt.models.fusion.PrototypeWiseLinear`.
+        fuse: the fusion, ``Linear(K*d, D)`` (``"flatten"``; a
+            :class:`~pml_crt.models.fusion.StepScaledLinear` with
+            ``scale_fusion_step``), ``Linear(d, D)`` (``"sum"``) or a
+            :class:`~pml_crt.models.fusion.PrototypeWiseLinear`.
         global_branch: with ``global_pooling``, the
             :class:`~pml_crt.models.GlobalPoolEmbedder` added to the fused
             coded residuals; else ``None``.
@@ -137,6 +143,14 @@ class CRT(ModuleWithRecords):
             ``"prototype_wise"`` projects each prototype's coded residual to
             ``D / K`` values with its own ``Linear(d, D/K)`` and concatenates
             (``d * D`` weights instead of ``K * d * D``; ``D`` a multiple of ``K``).
+        scale_fusion_step: with ``fusion="flatten"``, make the fusion a
+            :class:`~pml_crt.models.fusion.StepScaledLinear` with
+            ``step_scale = 1 / K``: the same function and initialisation, but
+            each Adam step moves it as far as a fan-in-``d`` layer's, instead
+            of ``K`` times as far (the ``K * d`` fan-in otherwise makes the
+            head's useful learning rates about ``K`` times lower than the
+            other fusions'). No effect with ``"sum"`` or ``"prototype_wise"``,
+            whose fan-in is already ``d``.
         global_pooling: ``None``, or ``"avg"``, ``"max"``, ``"gem"``: add a global
             branch, the input pooled and mapped by ``Linear(C, D)`` (a
             :class:`~pml_crt.models.GlobalPoolEmbedder`), to the fused coded
@@ -167,6 +181,7 @@ class CRT(ModuleWithRecords):
         learn_temperature: bool = True,
         temperature_bounds: tuple[float, float] = (0.01, 1.0),
         fusion: Fusion = "flatten",
+        scale_fusion_step: bool = False,
         global_pooling: GlobalPooling | None = None,
         prototype_init: PrototypeInit = "orthogonal",
         diversity_weight: float = 0.0,
@@ -179,6 +194,10 @@ class CRT(ModuleWithRecords):
         check_choice(assignment, "assignment", ("prototypes", "positions"))
         check_choice(residual, "residual", ("orthogonal", "prototype"))
         check_choice(fusion, "fusion", ("flatten", "sum", "prototype_wise"))
+        if not isinstance(scale_fusion_step, bool):
+            raise TypeError(
+                f"scale_fusion_step must be a bool, got {type(scale_fusion_step).__name__}"
+            )
         if global_pooling is not None:
             check_choice(global_pooling, "global_pooling", ("avg", "max", "gem"))
         check_choice(prototype_init, "prototype_init", ("orthogonal", "normal"))
@@ -215,6 +234,7 @@ class CRT(ModuleWithRecords):
         self.assignment = assignment
         self.residual = residual
         self.fusion = fusion
+        self.scale_fusion_step = scale_fusion_step
         self.prototype_init = prototype_init
         self.diversity_weight = float(diversity_weight)
         self.check_inputs = check_inputs
@@ -228,7 +248,9 @@ class CRT(ModuleWithRecords):
         else:
             self.register_buffer("raw_temperature", raw_temperature)
         self.global_pooling = global_pooling
-        self.fuse = _fusion(fusion, num_prototypes, projection_dim, embedding_size)
+        self.fuse = _fusion(
+            fusion, num_prototypes, projection_dim, embedding_size, scale_fusion_step
+        )
         self.global_branch = None
         if global_pooling is not None:
             # The input is checked once, by this module.

@@ -23,7 +23,8 @@ class SmallConvNet(torch.nn.Module):
     ``(B, channels[-1], H', W')``, where each pooled block maps a side ``s``
     to ``floor(s / 2)``. With the default four blocks: 105 -> 6, 64 -> 4,
     28 -> 1 (use ``pool_last=False`` on small inputs to keep more positions,
-    e.g. 28 -> 3, 64 -> 8).
+    e.g. 28 -> 3, 64 -> 8, or ``num_pools=2`` for a 7x7 map of a 28-px image at
+    a quarter of the cost of a 56-px image with three poolings).
 
     Args:
         in_channels: input channels (1 for Omniglot's grayscale images).
@@ -31,6 +32,10 @@ class SmallConvNet(torch.nn.Module):
             ``len(channels)``.
         pool_last: max-pool after the last block too (``stride`` is then
             ``2 ** len(channels)``, otherwise ``2 ** (len(channels) - 1)``).
+            ``None`` (the default) means ``True`` unless ``num_pools`` is given.
+        num_pools: max-pool after the first ``num_pools`` blocks only (``0`` to
+            ``len(channels)``; ``stride = 2 ** num_pools``); mutually exclusive
+            with ``pool_last``.
         kernel_size: odd convolution kernel size (padding keeps the side).
 
     Attributes:
@@ -43,7 +48,8 @@ class SmallConvNet(torch.nn.Module):
         in_channels: int = 1,
         channels: Sequence[int] = (64, 64, 64, 64),
         *,
-        pool_last: bool = True,
+        pool_last: bool | None = None,
+        num_pools: int | None = None,
         kernel_size: int = 3,
     ) -> None:
         super().__init__()
@@ -56,6 +62,7 @@ class SmallConvNet(torch.nn.Module):
         check_positive_int(kernel_size, "kernel_size")
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        num_pools = _num_pools(len(channels), pool_last, num_pools)
 
         blocks = []
         previous = in_channels
@@ -65,16 +72,17 @@ class SmallConvNet(torch.nn.Module):
                 torch.nn.BatchNorm2d(c),
                 torch.nn.ReLU(inplace=True),
             ]
-            if pool_last or i < len(channels) - 1:
+            if i < num_pools:
                 layers.append(torch.nn.MaxPool2d(2))
             blocks.append(torch.nn.Sequential(*layers))
             previous = c
         self.blocks = torch.nn.Sequential(*blocks)
         self.in_channels = in_channels
         self.channels = channels
-        self.pool_last = pool_last
+        self.num_pools = num_pools
+        self.pool_last = num_pools == len(channels)
         self.out_channels = channels[-1]
-        self.stride = 2 ** (len(channels) if pool_last else len(channels) - 1)
+        self.stride = 2**num_pools
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -104,5 +112,23 @@ class SmallConvNet(torch.nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_channels={self.in_channels}, channels={self.channels}, "
-            f"pool_last={self.pool_last}, out_channels={self.out_channels}"
+            f"num_pools={self.num_pools}, out_channels={self.out_channels}"
         )
+
+
+def _num_pools(num_blocks: int, pool_last: bool | None, num_pools: int | None) -> int:
+    """How many leading blocks max-pool, from ``pool_last`` or ``num_pools``."""
+    if num_pools is None:
+        return num_blocks if pool_last is None or pool_last else num_blocks - 1
+    if pool_last is not None:
+        raise ValueError(
+            f"pass pool_last or num_pools, not both (got pool_last={pool_last}, "
+            f"num_pools={num_pools})"
+        )
+    if isinstance(num_pools, bool) or not isinstance(num_pools, int):
+        raise TypeError(f"num_pools must be an int, got {type(num_pools).__name__}")
+    if not 0 <= num_pools <= num_blocks:
+        raise ValueError(
+            f"num_pools must lie in [0, len(channels)] = [0, {num_blocks}], got {num_pools}"
+        )
+    return num_pools
