@@ -11,6 +11,8 @@ when the whole interval lies above (below) zero.
         --base base --out benchmarks/results/omniglot_ablation_paired.md
     python -m benchmarks.ablation_report benchmarks/results/cub_compare.csv \
         --base multihead_crt --classes test --out benchmarks/results/cub_compare_paired.md
+    python -m benchmarks.ablation_report DIR/<name>_lr_sweep.csv \
+        --pairs a_lr1e-04:b_lr1e-04 a_lr1e-03:b_lr1e-03 --out ...
 """
 
 from __future__ import annotations
@@ -41,21 +43,35 @@ def read_separate_rows(path: Path) -> dict[str, dict[int, dict[str, float]]]:
 
 
 def paired_differences(
-    table: dict[str, dict[int, dict[str, float]]], base: str
+    table: dict[str, dict[int, dict[str, float]]],
+    base: str | None = None,
+    pairs: Sequence[tuple[str, str]] | None = None,
 ) -> list[dict[str, object]]:
-    """Per method: mean and 95% CI half-width of ``method - base`` over the shared seeds."""
-    if base not in table:
-        raise ValueError(f"base method {base!r} not in the results ({sorted(table)})")
+    """Mean and 95% CI half-width of ``variant - base`` over the shared seeds, per pair.
+
+    Either ``base`` (every other method is a variant of it) or explicit
+    ``(variant, base)`` ``pairs``, e.g. one candidate and its base at each
+    learning rate of a sweep.
+    """
+    if (base is None) == (pairs is None):
+        raise ValueError("pass base or pairs, not both")
+    if pairs is None:
+        pairs = [(method, base) for method in table if method != base]
+    missing = sorted({name for pair in pairs for name in pair} - set(table))
+    if missing:
+        kind = "base method" if base is not None else "methods"
+        raise ValueError(
+            f"{kind} {', '.join(map(repr, missing))} not in the results ({sorted(table)})"
+        )
     out = []
-    for method, seeds in table.items():
-        if method == base:
-            continue
-        shared = sorted(set(seeds) & set(table[base]))
+    for method, reference in pairs:
+        seeds = table[method]
+        shared = sorted(set(seeds) & set(table[reference]))
         if not shared:
-            raise ValueError(f"{method!r} shares no seed with {base!r}")
-        entry: dict[str, object] = {"method": method, "seeds": shared}
+            raise ValueError(f"{method!r} shares no seed with {reference!r}")
+        entry: dict[str, object] = {"method": method, "base": reference, "seeds": shared}
         for metric in METRICS:
-            diffs = [seeds[s][metric] - table[base][s][metric] for s in shared]
+            diffs = [seeds[s][metric] - table[reference][s][metric] for s in shared]
             entry[metric] = mean_ci95(diffs)
         out.append(entry)
     return out
@@ -79,15 +95,18 @@ def markdown(
     command: str,
     classes: str = "validation",
 ) -> str:
-    header = ["variant"] + [f"Δ{label} (pts)" for label in METRICS.values()] + ["MAP@R verdict"]
+    """The table of :func:`paired_differences`' rows; ``base`` ``None`` adds a base column."""
+    header = ["variant"] + ([] if base else ["base"])
+    header += [f"Δ{label} (pts)" for label in METRICS.values()] + ["MAP@R verdict"]
+    title = f"from `{base}` " if base else ""
     lines = [
-        f"## Paired differences from `{base}` ({classes} classes)",
+        f"## Paired differences {title}({classes} classes)",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
     for row in rows:
-        cells = [str(row["method"])]
+        cells = [str(row["method"])] + ([] if base else [str(row["base"])])
         for metric in METRICS:
             mean, half = row[metric]
             cells.append(
@@ -100,7 +119,7 @@ def markdown(
     seeds = sorted({s for row in rows for s in row["seeds"]})
     lines += [
         "",
-        f"Percentage points, variant minus `{base}`, paired by seed (seeds {seeds}); "
+        f"Percentage points, variant minus `{base or 'its base'}`, paired by seed (seeds {seeds}); "
         "mean ± 95% Student-t CI of the per-seed differences. A verdict needs the whole "
         "interval on one side of zero.",
         f"Source: `{source}`. Produced by `{command}`.",
@@ -111,7 +130,14 @@ def markdown(
 def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ablation_report")
     parser.add_argument("csv", type=Path, help="DIR/<config>.csv written by --publish")
-    parser.add_argument("--base", default="base", help="the method every variant is paired with")
+    parser.add_argument("--base", default=None, help="the method every variant is paired with")
+    parser.add_argument(
+        "--pairs",
+        nargs="+",
+        default=None,
+        metavar="VARIANT:BASE",
+        help="explicit pairs instead of --base (e.g. one per learning rate of a sweep)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the markdown here")
     parser.add_argument(
         "--classes",
@@ -123,12 +149,22 @@ def main(argv: Sequence[str] | None = None) -> str:
     command = "python -m benchmarks.ablation_report " + shlex.join(
         sys.argv[1:] if argv is None else list(argv)
     )
-    rows = paired_differences(read_separate_rows(args.csv), args.base)
-    text = markdown(rows, args.base, args.csv, command, args.classes)
+    pairs = None if args.pairs is None else [_pair(text) for text in args.pairs]
+    base = "base" if args.base is None and pairs is None else args.base
+    rows = paired_differences(read_separate_rows(args.csv), base, pairs)
+    text = markdown(rows, base, args.csv, command, args.classes)
     if args.out is not None:
         args.out.write_text(text)
     print(text)
     return text
+
+
+def _pair(text: str) -> tuple[str, str]:
+    """``"variant:base"`` -> ``("variant", "base")``."""
+    variant, sep, base = text.partition(":")
+    if not (sep and variant and base):
+        raise SystemExit(f"--pairs takes VARIANT:BASE, got {text!r}")
+    return variant, base
 
 
 if __name__ == "__main__":

@@ -67,3 +67,35 @@ def test_missing_base_is_an_error(tmp_path):
     _write(path, [_row("a", 0, 0.5, 0.3)])
     with pytest.raises(ValueError, match="base method 'base' not in the results"):
         paired_differences(read_separate_rows(path), "base")
+
+
+def test_explicit_pairs_one_per_learning_rate(tmp_path):
+    path = tmp_path / "sweep.csv"
+    _write(
+        path,
+        [
+            _row("new_lr1e-03", 0, 0.50, 0.40),
+            _row("new_lr1e-03", 1, 0.50, 0.42),
+            _row("old_lr1e-03", 0, 0.40, 0.30),
+            _row("old_lr1e-03", 1, 0.40, 0.32),
+            _row("new_lr1e-04", 0, 0.50, 0.30),
+            _row("new_lr1e-04", 1, 0.50, 0.30),
+            _row("old_lr1e-04", 0, 0.50, 0.31),
+            _row("old_lr1e-04", 1, 0.50, 0.31),
+        ],
+    )
+    pairs = [("new_lr1e-03", "old_lr1e-03"), ("new_lr1e-04", "old_lr1e-04")]
+    rows = paired_differences(read_separate_rows(path), pairs=pairs)
+    assert [(r["method"], r["base"]) for r in rows] == pairs
+    assert rows[0]["mean_average_precision_at_r"] == pytest.approx((0.10, 0.0))
+    assert rows[1]["mean_average_precision_at_r"] == pytest.approx((-0.01, 0.0))
+    text = main([str(path), "--pairs", "new_lr1e-03:old_lr1e-03", "new_lr1e-04:old_lr1e-04"])
+    assert "| new_lr1e-03 | old_lr1e-03 | +10.00 ± 0.00 | +10.00 ± 0.00 | better |" in text
+    assert "| new_lr1e-04 | old_lr1e-04 | +0.00 ± 0.00 | -1.00 ± 0.00 | worse |" in text
+    assert "## Paired differences (validation classes)" in text
+    with pytest.raises(ValueError, match="methods 'gone' not in the results"):
+        paired_differences(read_separate_rows(path), pairs=[("gone", "old_lr1e-03")])
+    with pytest.raises(ValueError, match="pass base or pairs, not both"):
+        paired_differences(read_separate_rows(path), "old_lr1e-03", pairs)
+    with pytest.raises(SystemExit, match="VARIANT:BASE"):
+        main([str(path), "--pairs", "new_lr1e-03"])
