@@ -1,24 +1,33 @@
-"""Shared helpers of the perf scripts: machine facts, interleaved timing, JSON output."""
+"""Shared helpers of the perf scripts: machine facts, interleaved timing, JSON, the baseline."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 
 __all__ = [
     "DEFAULT_OUT",
+    "REPO_ROOT",
+    "Run",
     "command_line",
     "interleaved_times",
     "load_average",
+    "load_baseline",
     "machine_info",
     "primary_clock",
     "summarize",
@@ -26,6 +35,7 @@ __all__ = [
 ]
 
 DEFAULT_OUT = Path("benchmarks/results/perf")
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_average() -> list[float]:
@@ -83,6 +93,23 @@ def machine_info() -> dict[str, Any]:
 def command_line(module: str) -> str:
     """The command that reproduces this run (``python -m module args...``)."""
     return " ".join(["python", "-m", module, *sys.argv[1:]])
+
+
+def load_baseline(rev: str, into: Path) -> ModuleType:
+    """Import ``pml_crt`` of git revision ``rev`` as the package ``pml_crt_before``.
+
+    The package is extracted with ``git archive`` into the folder ``into``,
+    which goes first on ``sys.path``; the working tree's ``pml_crt`` stays
+    importable next to it.
+    """
+    archive = subprocess.run(
+        ["git", "archive", rev, "pml_crt"], cwd=REPO_ROOT, capture_output=True, check=True
+    ).stdout
+    with tarfile.open(fileobj=BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+    (into / "pml_crt").rename(into / "pml_crt_before")
+    sys.path.insert(0, str(into))
+    return importlib.import_module("pml_crt_before")
 
 
 def interleaved_times(
@@ -143,3 +170,41 @@ def write_json(data: Mapping[str, Any], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
     return path
+
+
+@dataclass
+class Run:
+    """One run of a perf script: its module, start time and the machine at the start.
+
+    Create it after ``torch.set_num_threads`` (:func:`machine_info` records
+    the number of threads).
+    """
+
+    module: str
+    started: float = field(default_factory=time.perf_counter)
+    info: dict[str, Any] = field(default_factory=machine_info)
+
+    def elapsed(self) -> float:
+        """Wall-clock seconds since the start."""
+        return time.perf_counter() - self.started
+
+    def write(
+        self, settings: Mapping[str, Any], data: Mapping[str, Any], path: Path
+    ) -> dict[str, Any]:
+        """Write the run's JSON to ``path``, say where, and return it.
+
+        In order: ``script``, ``command`` (:func:`command_line`), the run's
+        ``settings`` (its options), ``machine`` (:func:`machine_info` with the
+        load average at the end), the measured ``data``, ``elapsed_s``.
+        """
+        result = {
+            "script": self.module,
+            "command": command_line(self.module),
+            **settings,
+            "machine": {**self.info, "load_average_end": load_average()},
+            **data,
+            "elapsed_s": self.elapsed(),
+        }
+        path = write_json(result, path)
+        print(f"wrote {path} in {result['elapsed_s']:.0f} s")
+        return result

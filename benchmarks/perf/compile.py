@@ -34,15 +34,7 @@ import torch
 from pml_crt.models import CRT
 from pml_crt.trunks import SmallConvNet
 
-from .common import (
-    DEFAULT_OUT,
-    command_line,
-    interleaved_times,
-    load_average,
-    machine_info,
-    summarize,
-    write_json,
-)
+from .common import DEFAULT_OUT, Run, interleaved_times, load_average, summarize
 
 MODULE = "benchmarks.perf.compile"
 
@@ -132,8 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    info = machine_info()
+    run = Run(MODULE)
     results = []
     with tempfile.TemporaryDirectory(prefix="inductor-cold-") as cache:
         previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
@@ -143,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
                 entry = measure_case(name, args.quick, 3 if args.quick else 9)
                 results.append(entry)
                 print(
-                    f"[{time.perf_counter() - started:5.0f}s] {name}: first call "
+                    f"[{run.elapsed():5.0f}s] {name}: first call "
                     f"{entry['first_call_s']:.1f} s, {entry['graph_count']} graphs, "
                     f"compiled/eager {entry['compiled_vs_eager']:.2f}, "
                     f"max |diff| out {entry['max_abs_diff_output']:.1e}",
@@ -154,17 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
                 os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
             else:
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
-    result = {
-        "script": MODULE,
-        "command": command_line(MODULE),
-        "quick": args.quick,
-        "machine": {**info, "load_average_end": load_average()},
-        "cases": results,
-        "elapsed_s": time.perf_counter() - started,
-    }
-    path = write_json(result, args.out / ("compile_quick.json" if args.quick else "compile.json"))
-    print(f"wrote {path} in {result['elapsed_s']:.0f} s")
-    return result
+    name = "compile_quick.json" if args.quick else "compile.json"
+    return run.write({"quick": args.quick}, {"cases": results}, args.out / name)
 
 
 if __name__ == "__main__":

@@ -61,15 +61,7 @@ import torch
 
 from pml_crt.models import CRT, GlobalPoolEmbedder, MultiHeadCRT, NetVLAD
 
-from .common import (
-    DEFAULT_OUT,
-    command_line,
-    interleaved_times,
-    load_average,
-    machine_info,
-    summarize,
-    write_json,
-)
+from .common import DEFAULT_OUT, REPO_ROOT, Run, interleaved_times, load_average, summarize
 from .flops import count_flops, head_matmul_flops
 from .memory import LiveTensorMemory, measure_peak
 
@@ -96,7 +88,6 @@ ALLOCATOR_SETTINGS = {
     },
 }
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 MODULE = "benchmarks.perf.head_cost"
 
 
@@ -498,8 +489,7 @@ def main(argv: list[str] | None = None) -> dict:
     base = QUICK_BASE if quick else BASE
     sweeps = QUICK_SWEEPS if quick else SWEEPS
     budget, rounds = (2.0, (3, 5)) if quick else (20.0, (5, 11))
-    started = time.perf_counter()
-    info = machine_info()
+    run = Run(MODULE)
     points = []
     for factor, point in grid_points(base, sweeps):
         entry = measure_point(point, budget, rounds)
@@ -507,7 +497,7 @@ def main(argv: list[str] | None = None) -> dict:
         points.append(entry)
         crt = entry["heads"]["crt"]
         print(
-            f"[{time.perf_counter() - started:6.0f}s] {factor:>4} {point}: "
+            f"[{run.elapsed():6.0f}s] {factor:>4} {point}: "
             f"crt {1000 * crt['time']['median_s']:.1f} ms "
             f"({crt['flops_rate_vs_matmul']:.2f}x matmul FLOP/s, "
             f"{crt['time_vs_avg']:.1f}x avg, {entry['crt_vs_netvlad']:.2f}x NetVLAD), "
@@ -537,20 +527,16 @@ def main(argv: list[str] | None = None) -> dict:
                     "forward_bytes": row["crt_forward_bytes"],
                 }
             )
-    print(f"[{time.perf_counter() - started:6.0f}s] memory sweeps done", flush=True)
+    print(f"[{run.elapsed():6.0f}s] memory sweeps done", flush=True)
     profiles = profile_heads(base, ("avg", "netvlad", "crt", "multihead"), 3, 8)
     checks = check_cost([base, {**base, "side": max(sweeps["side"])}], 11 if quick else 31)
     allocator = allocator_experiment(base, 1 if quick else 2, 3 if quick else 7)
-    print(f"[{time.perf_counter() - started:6.0f}s] allocator experiment done", flush=True)
+    print(f"[{run.elapsed():6.0f}s] allocator experiment done", flush=True)
     trunk = None
     if not args.skip_trunk:
         trunk = trunk_step_cost(base["B"], base["K"], base["D"], 2 if quick else 3)
-        print(f"[{time.perf_counter() - started:6.0f}s] trunk step done", flush=True)
-    result = {
-        "script": MODULE,
-        "command": command_line(MODULE),
-        "quick": quick,
-        "machine": {**info, "load_average_end": load_average()},
+        print(f"[{run.elapsed():6.0f}s] trunk step done", flush=True)
+    data = {
         "base": base,
         "heads": list(HEADS),
         "points": points,
@@ -567,11 +553,9 @@ def main(argv: list[str] | None = None) -> dict:
         "input_check": checks,
         "allocator": allocator,
         "trunk_step": trunk,
-        "elapsed_s": time.perf_counter() - started,
     }
-    path = write_json(result, args.out / ("head_cost_quick.json" if quick else "head_cost.json"))
-    print(f"wrote {path} in {result['elapsed_s']:.0f} s")
-    return result
+    name = "head_cost_quick.json" if quick else "head_cost.json"
+    return run.write({"quick": quick}, data, args.out / name)
 
 
 if __name__ == "__main__":

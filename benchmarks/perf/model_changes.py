@@ -26,44 +26,18 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import subprocess
-import sys
-import tarfile
 import tempfile
-import time
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .common import (
-    DEFAULT_OUT,
-    command_line,
-    interleaved_times,
-    load_average,
-    machine_info,
-    summarize,
-    write_json,
-)
+from .common import DEFAULT_OUT, Run, interleaved_times, load_average, load_baseline, summarize
 from .head_cost import feature_map, train_step
 from .memory import measure_peak
 
 MODULE = "benchmarks.perf.model_changes"
-REPO_ROOT = Path(__file__).resolve().parents[2]
 BASELINE_REV = "5a5d0e3"
-
-
-def load_baseline(rev: str, into: Path) -> Any:
-    """Import ``pml_crt.models`` of git revision ``rev`` as ``pml_crt_before.models``."""
-    archive = subprocess.run(
-        ["git", "archive", rev, "pml_crt"], cwd=REPO_ROOT, capture_output=True, check=True
-    ).stdout
-    with tarfile.open(fileobj=BytesIO(archive)) as tar:
-        tar.extractall(into, filter="data")
-    (into / "pml_crt").rename(into / "pml_crt_before")
-    sys.path.insert(0, str(into))
-    return importlib.import_module("pml_crt_before.models")
 
 
 def cases(quick: bool) -> list[dict[str, Any]]:
@@ -130,10 +104,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    info = machine_info()
+    run = Run(MODULE)
     with tempfile.TemporaryDirectory(prefix="pml-crt-before-") as tmp:
-        before_models = load_baseline(args.baseline_rev, Path(tmp))
+        before = load_baseline(args.baseline_rev, Path(tmp))
+        before_models = importlib.import_module(f"{before.__name__}.models")
         results = []
         for case in cases(args.quick):
             entry = measure(case, before_models, 5 if args.quick else 15)
@@ -147,19 +121,9 @@ def main(argv: list[str] | None = None) -> dict:
                 f"grads {entry['max_abs_diff_grads']:.1e}",
                 flush=True,
             )
-    result = {
-        "script": MODULE,
-        "command": command_line(MODULE),
-        "quick": args.quick,
-        "baseline_rev": args.baseline_rev,
-        "machine": {**info, "load_average_end": load_average()},
-        "cases": results,
-        "elapsed_s": time.perf_counter() - started,
-    }
+    settings = {"quick": args.quick, "baseline_rev": args.baseline_rev}
     name = "model_changes_quick.json" if args.quick else "model_changes.json"
-    path = write_json(result, args.out / name)
-    print(f"wrote {path} in {result['elapsed_s']:.0f} s")
-    return result
+    return run.write(settings, {"cases": results}, args.out / name)
 
 
 if __name__ == "__main__":

@@ -35,15 +35,10 @@ import argparse
 import collections
 import importlib
 import math
-import subprocess
-import sys
-import tarfile
 import tempfile
-import time
 import traceback
 import warnings
 from collections.abc import Callable
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -54,18 +49,17 @@ from pml_crt.utils.stats import t_quantile_975
 
 from .common import (
     DEFAULT_OUT,
-    command_line,
+    REPO_ROOT,
+    Run,
     interleaved_times,
     load_average,
-    machine_info,
+    load_baseline,
     summarize,
-    write_json,
 )
 
 __all__ = ["HostSyncCounter", "build_step", "load_baseline", "main"]
 
 MODULE = "benchmarks.perf.step_time"
-REPO_ROOT = Path(__file__).resolve().parents[2]
 BASELINE_REV = "874a137"
 FULL_SIZES = {"batch": 32, "channels": 1280, "side": 7, "rounds": 21}
 QUICK_SIZES = {"batch": 8, "channels": 64, "side": 4, "rounds": 5}
@@ -179,18 +173,6 @@ def _call_site() -> str:
                     path = path.split(root, 1)[1]
             return f"{path}:{frame.lineno}"
     return "?"
-
-
-def load_baseline(rev: str, into: Path) -> Any:
-    """Import ``pml_crt`` of git revision ``rev`` as the package ``pml_crt_before``."""
-    archive = subprocess.run(
-        ["git", "archive", rev, "pml_crt"], cwd=REPO_ROOT, capture_output=True, check=True
-    ).stdout
-    with tarfile.open(fileobj=BytesIO(archive)) as tar:
-        tar.extractall(into, filter="data")
-    (into / "pml_crt").rename(into / "pml_crt_before")
-    sys.path.insert(0, str(into))
-    return importlib.import_module("pml_crt_before")
 
 
 def build_step(
@@ -344,8 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
             setattr(args, name, value)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    started = time.perf_counter()
-    info = machine_info()
+    run = Run(MODULE)
     import pml_crt as now
 
     with tempfile.TemporaryDirectory(prefix="pml-crt-baseline-") as tmp:
@@ -356,7 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
             results.append(entry)
             paired = entry["now_vs_baseline_paired"]
             print(
-                f"[{time.perf_counter() - started:5.0f}s] {case}: baseline "
+                f"[{run.elapsed():5.0f}s] {case}: baseline "
                 f"{entry['baseline']['median_s'] * 1e3:.1f} ms, now "
                 f"{entry['now']['median_s'] * 1e3:.1f} ms, now/baseline "
                 f"{paired['geomean']:.3f} [{paired['ci95_low']:.3f}, {paired['ci95_high']:.3f}], "
@@ -364,20 +345,9 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{entry['host_syncs']['now']['total']}",
                 flush=True,
             )
-    result = {
-        "script": MODULE,
-        "command": command_line(MODULE),
-        "baseline_rev": args.baseline_rev,
-        "device": str(device),
-        "quick": args.quick,
-        "machine": {**info, "load_average_end": load_average()},
-        "cases": results,
-        "elapsed_s": time.perf_counter() - started,
-    }
+    settings = {"baseline_rev": args.baseline_rev, "device": str(device), "quick": args.quick}
     name = "step_time_quick.json" if args.quick else "step_time.json"
-    path = write_json(result, args.out / name)
-    print(f"wrote {path} in {result['elapsed_s']:.0f} s")
-    return result
+    return run.write(settings, {"cases": results}, args.out / name)
 
 
 if __name__ == "__main__":
