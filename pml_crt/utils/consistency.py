@@ -1,27 +1,12 @@
 """Deprecated: the similarity-consistency term moved to :mod:`pml_crt.consistency`.
 
-This module only re-exports its public names and warns on import.
+This module only re-exports its public names (its ``__all__``) and warns on import.
 """
 
 import warnings
 
-from ..consistency import (
-    MODES,
-    STOP_GRADIENTS,
-    SimilarityConsistencyMixin,
-    check_consistency_options,
-    similarity_consistency,
-    similarity_consistency_rows,
-)
-
-__all__ = [
-    "MODES",
-    "STOP_GRADIENTS",
-    "SimilarityConsistencyMixin",
-    "check_consistency_options",
-    "similarity_consistency",
-    "similarity_consistency_rows",
-]
+from ..consistency import *  # noqa: F403
+from ..consistency import __all__ as __all__
 
 warnings.warn(
     "pml_crt.utils.consistency is deprecated: import from pml_crt.consistency",
