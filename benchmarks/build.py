@@ -64,8 +64,13 @@ def _lookup(name: str, modules: tuple[Any, ...], what: str) -> Any:
     raise ConfigError(f"unknown {what} {name!r}: not found in {places}")
 
 
-def _object(spec: Any, modules: tuple[Any, ...], what: str) -> Any:
-    """``{name, kwargs}`` (or a bare name) -> an instance of the class ``name``."""
+def _object(
+    spec: Any, modules: tuple[Any, ...], what: str, fill: Mapping[str, Any] | None = None
+) -> Any:
+    """``{name, kwargs}`` (or a bare name) -> an instance of the class ``name``.
+
+    Each ``fill`` entry the class takes and ``kwargs`` does not set is passed too.
+    """
     if isinstance(spec, str):
         spec = {"name": spec}
     if not isinstance(spec, Mapping) or "name" not in spec:
@@ -75,7 +80,12 @@ def _object(spec: Any, modules: tuple[Any, ...], what: str) -> Any:
     extra = set(spec) - {"name", "kwargs"}
     if extra:
         raise ConfigError(f"{what} {spec['name']!r} has unknown keys {sorted(extra)}")
-    return _lookup(spec["name"], modules, what)(**dict(spec.get("kwargs") or {}))
+    cls = _lookup(spec["name"], modules, what)
+    kwargs = dict(spec.get("kwargs") or {})
+    for name, value in (fill or {}).items():
+        if name not in kwargs and _accepts(cls, name):
+            kwargs[name] = value
+    return cls(**kwargs)
 
 
 def _accepts(cls: type, argument: str) -> bool:
@@ -93,6 +103,16 @@ def _accepts(cls: type, argument: str) -> bool:
         ):
             return False
     return False
+
+
+def _argument(cls: type, name: str, kwargs: Mapping[str, Any]) -> Any:
+    """``kwargs[name]``, else the default of ``cls``'s argument ``name`` (None if neither)."""
+    if name in kwargs:
+        return kwargs[name]
+    parameter = inspect.signature(cls).parameters.get(name)
+    if parameter is None or parameter.default is inspect.Parameter.empty:
+        return None
+    return parameter.default
 
 
 @contextlib.contextmanager
@@ -203,7 +223,12 @@ def build_loss(
     when the class takes them and ``loss.kwargs`` does not set them. Kwargs
     ``distance``, ``reducer``, ``embedding_regularizer``,
     ``weight_regularizer`` and ``prototype_regularizer`` may be ``{name,
-    kwargs}`` specs. ``miner`` is ``None`` or a ``{name, kwargs}`` spec of
+    kwargs}`` specs; a regularizer class that takes ``num_classes`` or
+    ``centers_per_class`` gets the unit's number of classes and the loss's
+    ``centers_per_class`` (its kwarg, else its default) unless the spec sets
+    them (``SoftTripleLoss`` with ``weight_regularizer:
+    SparseCentersRegularizer``, MLRC's SoftTriple ``reg_weight`` term).
+    ``miner`` is ``None`` or a ``{name, kwargs}`` spec of
     ``pytorch_metric_learning.miners``.
 
     ``loss.kwargs.prototype_regularizer`` and ``loss.kwargs.prototype_reg_weight``
@@ -223,9 +248,16 @@ def build_loss(
     loss_config = config["loss"]
     cls = _lookup(loss_config["name"], (losses, pml_crt.losses), "loss")
     kwargs = dict(loss_config.get("kwargs") or {})
+    # A regularizer that takes num_classes (or centers_per_class) gets the unit's
+    # (the loss's), e.g. SoftTripleLoss's weight_regularizer SparseCentersRegularizer.
+    fill = {"num_classes": num_classes}
+    centers = _argument(cls, "centers_per_class", kwargs)
+    if centers is not None:
+        fill["centers_per_class"] = centers
     for key, modules in _OBJECT_KWARGS.items():
         if isinstance(kwargs.get(key), (Mapping, str)):
-            kwargs[key] = _object(kwargs[key], modules, key)
+            filled = fill if key.endswith("_regularizer") else None
+            kwargs[key] = _object(kwargs[key], modules, key, filled)
     prototype_kwargs = {key: kwargs.pop(key) for key in _PROTOTYPE_KWARGS if key in kwargs}
     miner = None
     if config.get("miner"):
