@@ -150,7 +150,11 @@ class CRT(ModuleWithRecords):
             of ``K`` times as far (the ``K * d`` fan-in otherwise makes the
             head's useful learning rates about ``K`` times lower than the
             other fusions'). No effect with ``"sum"`` or ``"prototype_wise"``,
-            whose fan-in is already ``d``.
+            whose fan-in is already ``d``. Off by default: in the
+            learning-rate sweeps (``benchmarks/results/ablation.md``) it
+            removes the collapse of the plain fusion at Adam 1e-3 to 1e-2 but
+            is worse at 1e-5. Turn it on when the head's learning rate is
+            1e-4 or higher; keep the plain fusion at 1e-5.
         global_pooling: ``None``, or ``"avg"``, ``"max"``, ``"gem"``: add a global
             branch, the input pooled and mapped by ``Linear(C, D)`` (a
             :class:`~pml_crt.models.GlobalPoolEmbedder`), to the fused coded
