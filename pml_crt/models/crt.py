@@ -154,7 +154,7 @@ class CRT(ModuleWithRecords):
             learning-rate sweeps (``benchmarks/results/ablation.md``) it
             removes the collapse of the plain fusion at Adam 1e-3 to 1e-2 but
             is worse at 1e-5. Turn it on when the head's learning rate is
-            1e-4 or higher; keep the plain fusion at 1e-5.
+            1e-4 or higher, and keep the plain fusion at 1e-5.
         global_pooling: ``None``, or ``"avg"``, ``"max"``, ``"gem"``: add a global
             branch, the input pooled and mapped by ``Linear(C, D)`` (a
             :class:`~pml_crt.models.GlobalPoolEmbedder`), to the fused coded

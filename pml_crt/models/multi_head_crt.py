@@ -31,10 +31,11 @@ class MultiHeadCRT(ModuleWithRecords):
     concatenation, so a stock PML tester works unchanged.
 
     Learning rate: with the default ``"flatten"`` fusion the heads need a
-    low Adam rate (1e-5 to 1e-4); at 1e-3 and above they fall below a linear
-    head or collapse. ``scale_fusion_step=True`` shifts the usable range up
-    to 1e-4 to 1e-3 (``benchmarks/results/ablation.md``, "Learning-rate
-    robustness").
+    low Adam rate: 1e-5 on CUB with a pretrained trunk, up to 1e-4 on
+    Omniglot. At 1e-3 and above they fall below a linear head or collapse.
+    ``scale_fusion_step=True`` moves the usable range up, to 1e-4 on CUB and
+    1e-4 to 1e-3 on Omniglot (``benchmarks/results/ablation.md``,
+    "Learning-rate robustness").
 
     Args:
         in_channels: ``C`` of the ``(B, C, H, W)`` or ``(B, N, C)`` input.
