@@ -22,24 +22,33 @@ import csv
 import math
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from pml_crt.utils.stats import mean_ci95
 
 METRICS = {"precision_at_1": "P@1", "mean_average_precision_at_r": "MAP@R"}
 
 
-def read_separate_rows(path: Path) -> dict[str, dict[int, dict[str, float]]]:
-    """``{method: {seed: {metric: value}}}`` from the runner's CSV ("separate" rows)."""
+def seed_table(
+    rows: Iterable[Mapping[str, Any]],
+    evaluation: str = "separate",
+    metrics: Iterable[str] = tuple(METRICS),
+) -> dict[str, dict[int, dict[str, float]]]:
+    """``{method: {seed: {metric: value}}}`` of the runner's rows of one ``evaluation``."""
     table: dict[str, dict[int, dict[str, float]]] = {}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            if row["evaluation"] != "separate":
-                continue
-            values = {m: float(row[m]) for m in METRICS}
+    for row in rows:
+        if row["evaluation"] == evaluation:
+            values = {m: float(row[m]) for m in metrics}
             table.setdefault(row["method"], {})[int(row["seed"])] = values
     return table
+
+
+def read_separate_rows(path: Path) -> dict[str, dict[int, dict[str, float]]]:
+    """:func:`seed_table` of the runner's published CSV ("separate" rows)."""
+    with open(path, newline="") as f:
+        return seed_table(csv.DictReader(f))
 
 
 def paired_differences(

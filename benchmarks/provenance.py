@@ -25,7 +25,7 @@ import pml_crt
 from .layout import RESULTS
 from .perf.common import cpu_model
 
-__all__ = ["environment", "git_commit", "published_provenance", "unit_provenance"]
+__all__ = ["environment", "git_commit", "published_provenance", "unit_provenance", "unit_seconds"]
 
 
 @functools.cache
@@ -105,10 +105,10 @@ def _unit_commits(run_root: Path) -> dict[str, int]:
     return counts
 
 
-def _unit_seconds(run_root: Path) -> list[float]:
-    """The ``total_time_s`` of every finished unit of the run folder."""
+def unit_seconds(run_root: Path, method: str = "*") -> list[float]:
+    """The ``total_time_s`` of every finished unit of the run folder (of one ``method``)."""
     seconds = []
-    for results_file in sorted(run_root.glob(f"*/seed*/fold*/{RESULTS}")):
+    for results_file in sorted(run_root.glob(f"{method}/seed*/fold*/{RESULTS}")):
         try:
             seconds.append(float(json.loads(results_file.read_text())["total_time_s"]))
         except (OSError, ValueError, KeyError):
@@ -120,7 +120,7 @@ def unit_provenance(run_root: Path | None) -> str:
     """The commits the units of a run folder ran (``env.json``) and their total time, as lines."""
     if run_root is None:
         return ""
-    counts, seconds = _unit_commits(run_root), _unit_seconds(run_root)
+    counts, seconds = _unit_commits(run_root), unit_seconds(run_root)
     lines = ""
     if counts:
         listed = ", ".join(f"`{commit}` ({n} units)" for commit, n in sorted(counts.items()))

@@ -86,12 +86,14 @@ __all__ = [
     "make_pruner",
     "make_sampler",
     "open_storage",
+    "quiet_optuna",
     "report_search",
     "requeue_dead_trials",
     "search",
     "search_space",
     "suggest",
     "trial_config",
+    "trial_minutes",
     "tune_method",
     "unit_runner",
 ]
@@ -302,6 +304,21 @@ def counted_trials(study: optuna.Study, budget: int) -> list[optuna.trial.Frozen
 def best_trial(study: optuna.Study, budget: int) -> optuna.trial.FrozenTrial | None:
     complete = [t for t in counted_trials(study, budget) if t.state == TrialState.COMPLETE]
     return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+
+
+def trial_minutes(study: optuna.Study) -> float:
+    """The run time of every finished attempt of the study, summed, in minutes.
+
+    Attempts that died and were run again count with the time each attempt took.
+    """
+    return (
+        sum(
+            (t.datetime_complete - t.datetime_start).total_seconds()
+            for t in study.get_trials(deepcopy=False)
+            if t.datetime_complete is not None and t.datetime_start is not None
+        )
+        / 60
+    )
 
 
 def _pruning_reporter(
@@ -725,14 +742,7 @@ def report_search(
         counted = counted_trials(study, budget)
         pruned = sum(t.state == TrialState.PRUNED for t in counted)
         diverged = sum("diverged" in t.user_attrs for t in counted)
-        minutes = (
-            sum(
-                (t.datetime_complete - t.datetime_start).total_seconds()
-                for t in study.get_trials(deepcopy=False)
-                if t.datetime_complete is not None and t.datetime_start is not None
-            )
-            / 60
-        )
+        minutes = trial_minutes(study)
         trial = best_trial(study, budget)
         value = "-" if trial is None else f"{100 * trial.value:.2f}"
         params = ", ".join(f"`{k}` = `{json.dumps(v)}`" for k, v in best[method].items())
@@ -783,12 +793,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def quiet_optuna() -> None:
+    """Optuna's log at WARNING and no warning per logged loss tensor: a command line's setting."""
+    warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     """The command line; user errors print one line and exit 2, Ctrl-C says how to resume."""
     args = parse_args(argv)
     command = "python -m benchmarks.tune " + shlex.join(sys.argv[1:] if argv is None else argv)
-    warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    quiet_optuna()
     interrupted = "interrupted; finished trials are kept, run the same command again to resume"
 
     def tune() -> dict[str, Any]:
