@@ -483,8 +483,11 @@ def unit_runner(config: Mapping[str, Any], out: Path, device: Any, progress: boo
 def _worker(
     config: Mapping[str, Any], method: str, storage: str, folder: Path, out: Path, budget: int
 ) -> None:
-    """One worker process of ``--workers K``: trials of one study until the budget is used."""
-    warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True")
+    """One worker process of ``--workers K``: trials of one study until the budget is used.
+
+    A spawned process does not inherit its parent's Optuna log level: it sets its own.
+    """
+    quiet_optuna()
     device = run.config_device(config)
     with run.compute_threads(config.get("threads")), run.progress_bars(False):
         runner = unit_runner(config, out, device, progress=False)
