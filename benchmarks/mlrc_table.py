@@ -8,8 +8,8 @@ One command, resumable at any point (run it again after an interruption):
 1. :func:`benchmarks.tune.search` tunes every method with the same trial budget
    (``tune.trials``) on validation classes, ``--workers`` processes per study;
 2. :func:`benchmarks.run.run_benchmark` trains each method's best configuration for
-   the config's seeds and folds and tests it on the test classes
-   (``<name>_tuned.md`` and ``.csv`` with ``--publish``);
+   the config's seeds and folds and tests it on the test classes, the units shared out
+   to ``--workers`` processes (``<name>_tuned.md`` and ``.csv`` with ``--publish``);
 3. :func:`mlrc_markdown` writes ``<name>_mlrc.md`` in the layout of MLRC's Table 4
    (Musgrave, Belongie and Lim, ECCV 2020): a row per loss and embedder with P@1,
    R-Precision and MAP@R as mean ± 95% CI over seeds, "separate" (mean of fold models)
@@ -31,6 +31,7 @@ import json
 import math
 import shlex
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -368,20 +369,38 @@ def method_budgets(
 class WallClock:
     """The wall time of every invocation, per stage, kept in ``path`` across resumptions."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, every_s: float = 60.0) -> None:
         self.path = path
+        self.every_s = every_s
         self.past = json.loads(path.read_text()) if path.exists() else []
         self.now: dict[str, float] = {}
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        """Time the block as ``name``; written even when the block is interrupted."""
-        start = time.monotonic()
+        """Time the block as ``name``, written every ``every_s`` seconds and at its end.
+
+        An invocation killed without warning (no ``finally`` runs) so loses at most
+        ``every_s`` seconds of its record.
+        """
+        before, start = self.now.get(name, 0.0), time.monotonic()
+        done = threading.Event()
+
+        def save() -> None:
+            self.now[name] = before + (time.monotonic() - start) / 60
+            write_atomic(self.path, json.dumps([*self.past, self.now], indent=2))
+
+        def beat() -> None:
+            while not done.wait(self.every_s):
+                save()
+
+        writer = threading.Thread(target=beat, name=f"wall clock {name}", daemon=True)
+        writer.start()
         try:
             yield
         finally:
-            self.now[name] = self.now.get(name, 0.0) + (time.monotonic() - start) / 60
-            write_atomic(self.path, json.dumps([*self.past, self.now], indent=2))
+            done.set()
+            writer.join()
+            save()
 
     def totals(self) -> dict[str, float]:
         records = [*self.past, self.now]
@@ -422,7 +441,13 @@ def build_table(
     tuned = load_config(str(searched["folder"] / "best.yaml"))
     with clock.stage("final"):
         result = run.run_benchmark(
-            tuned, out, log=log, progress=progress, publish=publish, command=command
+            tuned,
+            out,
+            log=log,
+            progress=progress,
+            publish=publish,
+            command=command,
+            workers=workers,
         )
     budgets = method_budgets(
         searched["studies"], int(config["tune"]["trials"]), Path(result["root"]), names
@@ -443,7 +468,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--config", required=True, help="a config of <loss>_linear/_crt methods")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--workers", type=int, default=1, help="local processes per study")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="local processes per study, then sharing the final units",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs"), help="run folder root")
     parser.add_argument("--publish", type=Path, default=None, help="also write the reports here")
     parser.add_argument("--no-progress", action="store_true", help="hide every progress bar")

@@ -29,7 +29,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import multiprocessing
 import os
+import queue
 import shlex
 import sys
 import time
@@ -56,11 +58,13 @@ __all__ = [
     "compute_threads",
     "config_device",
     "exit_with",
+    "hide_trainer_warning",
     "main",
     "progress_bars",
     "run_benchmark",
     "run_command",
     "select_methods",
+    "worker_threads",
 ]
 
 T = TypeVar("T")
@@ -116,6 +120,20 @@ def compute_threads(count: int | None) -> Iterator[None]:
             faiss.omp_set_num_threads(before[1])
 
 
+def hide_trainer_warning() -> None:
+    """Hide the warning PML's trainer raises each time it formats a loss that requires grad
+    into its progress bar; a spawned process does not inherit its parent's filters."""
+    warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True")
+
+
+def worker_threads(config: Mapping[str, Any], workers: int) -> dict[str, Any]:
+    """``config`` for one of ``workers`` local processes: an equal share of the cores
+    unless ``threads`` pins the count."""
+    if workers == 1 or config.get("threads") is not None:
+        return dict(config)
+    return {**config, "threads": max(1, (os.cpu_count() or 1) // workers)}
+
+
 class _HiddenBar(tqdm.tqdm):
     """A tqdm bar that draws nothing, whatever its caller asks."""
 
@@ -151,8 +169,13 @@ def run_benchmark(
     progress: bool = True,
     publish: str | Path | None = None,
     command: str | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Run (or resume) every unit of ``config`` and write the combined results.
+
+    With ``workers`` > 1 the units are shared out, one at a time, to that many local
+    processes (each with an equal share of the cores unless the config pins ``threads``,
+    :func:`worker_threads`); their log lines reach ``log`` through this process.
 
     With ``publish``, the table and its provenance (``command``, by default this
     process's command line) also go to ``publish/<name>.md`` and the per-unit
@@ -166,12 +189,17 @@ def run_benchmark(
 
     Returns ``{"rows", "summary", "table", "root", "wall_time_s", "units_run", "units_skipped"}``.
     """
+    if workers < 1:
+        raise UserError(f"--workers must be a positive integer, got {workers}")
+    if workers > 1 and ddp.launched_by_torchrun():
+        raise UserError("--workers starts local processes; under torchrun leave it at 1")
+    config = worker_threads(config, workers)
     with compute_threads(config.get("threads")):
         launch, device = ddp.start(config_device(config))
         try:
             with progress_bars(progress and launch.is_main):
                 return _run_units(
-                    config, out, methods, log, progress, publish, command, launch, device
+                    config, out, methods, log, progress, publish, command, launch, device, workers
                 )
         finally:
             ddp.stop(launch)
@@ -230,28 +258,123 @@ def _run_one(run: _Run, seed: int, name: str, fold: int, tag: str) -> bool:
     return True
 
 
-def _run_all(run: _Run, names: Sequence[str], folds: Sequence[int]) -> tuple[int, int]:
-    """Every unit (seed x method x fold) in turn; ``(units run, units skipped)``."""
+Unit = tuple[int, str, int, str]  # seed, method, fold, the log tag
+
+
+def _run_all(
+    run: _Run, names: Sequence[str], folds: Sequence[int], workers: int, progress: bool
+) -> tuple[int, int]:
+    """Every unit (seed x method x fold), in turn or over ``workers`` processes;
+    ``(units run, units skipped)``."""
     config = run.config
-    units = [
+    cells = [
         (seed, name, fold)
         for seed in config["seeds"]
         for name in names
         for fold in unit_folds(method_config(config, name))
     ]
+    units = [
+        (seed, name, fold, f"[{index}/{len(cells)}] seed {seed} {name} fold {fold}")
+        for index, (seed, name, fold) in enumerate(cells, 1)
+    ]
+    where = f"{workers} processes x " if workers > 1 else _processes(run.launch)
     run.log(
         f"{config['name']}: {len(units)} units ({len(config['seeds'])} seeds x {len(names)} "
-        f"methods x folds {list(folds)}) on {run.device}, {_processes(run.launch)}"
+        f"methods x folds {list(folds)}) on {run.device}, {where}"
         f"{torch.get_num_threads()} threads -> {run.root}"
     )
-    run_count = skipped = 0
-    for index, (seed, name, fold) in enumerate(units, 1):
-        tag = f"[{index}/{len(units)}] seed {seed} {name} fold {fold}"
-        if _run_one(run, seed, name, fold, tag):
-            run_count += 1
-        else:
-            skipped += 1
-    return run_count, skipped
+    if workers > 1:
+        return _run_in_workers(run, units, workers, progress)
+    ran = [_run_one(run, *unit) for unit in units]
+    return sum(ran), len(ran) - sum(ran)
+
+
+def _unit_worker(
+    config: Mapping[str, Any],
+    root: Path,
+    hub_dir: Path,
+    units: Sequence[Unit],
+    taken: Any,
+    messages: multiprocessing.Queue,
+) -> None:
+    """One of ``workers`` processes: run ``units[taken]``, advancing the shared ``taken``,
+    until none is left. Log lines go to ``messages``; last comes ``(units run, skipped)``."""
+    hide_trainer_warning()
+    device = config_device(config)
+    with compute_threads(config.get("threads")), progress_bars(False):
+        data = DataPipeline(config["dataset"], log=messages.put, progress=False)
+        run = _Run(config, root, data, device, hub_dir, messages.put, ddp.SINGLE_PROCESS)
+        ran = skipped = 0
+        while True:
+            with taken.get_lock():
+                index = taken.value
+                taken.value += 1
+            if index >= len(units):
+                break
+            if _run_one(run, *units[index]):
+                ran += 1
+            else:
+                skipped += 1
+    messages.put((ran, skipped))
+
+
+@contextlib.contextmanager
+def local_processes(
+    target: Callable[..., None], args: tuple[Any, ...], count: int
+) -> Iterator[list[multiprocessing.process.BaseProcess]]:
+    """``count`` spawned processes, each running ``target(*args)``, for the block.
+
+    Leaving the block joins them; when the block raised (Ctrl-C included) they are
+    terminated first. A process that exited with a nonzero status is a RuntimeError.
+    """
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=target, args=args) for _ in range(count)]
+    for process in processes:
+        process.start()
+    try:
+        yield processes
+    except BaseException:
+        for process in processes:
+            process.terminate()
+        raise
+    finally:
+        for process in processes:
+            process.join()
+    failed = [p.exitcode for p in processes if p.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {count} worker processes exited with {failed}")
+
+
+def _run_in_workers(
+    run: _Run, units: Sequence[Unit], workers: int, progress: bool
+) -> tuple[int, int]:
+    """``units`` shared out to ``workers`` spawned processes, with a bar over finished units."""
+    context = multiprocessing.get_context("spawn")
+    taken, messages = context.Value("i", 0), context.Queue()
+    finished = [unit_dir(run.root, name, seed, fold) / RESULTS for seed, name, fold, _ in units]
+    counts: list[tuple[int, int]] = []
+    args = (run.config, run.root, run.hub_dir, list(units), taken, messages)
+    count = min(workers, len(units))
+    with (
+        local_processes(_unit_worker, args, count) as processes,
+        tqdm.tqdm(
+            total=len(units), desc=str(run.config["name"]), unit="unit", disable=not progress
+        ) as bar,
+    ):
+        while len(counts) < count:
+            try:
+                message = messages.get(timeout=1.0)
+            except queue.Empty:
+                if not any(process.is_alive() for process in processes):
+                    break
+            else:
+                if isinstance(message, tuple):
+                    counts.append(message)
+                else:
+                    run.log(message)
+            bar.n = sum(path.exists() for path in finished)
+            bar.refresh()
+    return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 
 def _run_units(
@@ -264,6 +387,7 @@ def _run_units(
     command: str | None,
     launch: ddp.Launch,
     device: torch.device,
+    workers: int,
 ) -> dict[str, Any] | None:
     """:func:`run_benchmark`'s body, under its threads, progress bars and processes."""
     start = time.time()
@@ -278,7 +402,7 @@ def _run_units(
     data = DataPipeline(config["dataset"], log=log, progress=progress)
     source = data.source  # a missing dataset fails here, before any unit
     run = _Run(config, root, data, device, hub_dir, log, launch)
-    run_count, skipped = _run_all(run, names, folds)
+    run_count, skipped = _run_all(run, names, folds, workers, progress)
     if not launch.is_main:
         return None
     rows, summary, table = combine(config, root)
@@ -286,7 +410,8 @@ def _run_units(
     heading = table_header(config, source)
     footer = (
         f"\n\nThis invocation: {run_count} units run, {skipped} skipped, {wall:.0f} s wall "
-        f"on {device} ({_processes(launch)}{torch.get_num_threads()} threads, "
+        f"on {device} ({f'{workers} processes x ' if workers > 1 else _processes(launch)}"
+        f"{torch.get_num_threads()} threads, "
         f"{os.cpu_count()} CPUs)."
     )
     metrics = list(config["eval"]["metrics"])
@@ -337,6 +462,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--methods", nargs="+", default=None, help="run only these methods")
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="local processes that share the units, each with an equal share of the cores "
+        "unless the config pins threads (default 1)",
+    )
+    parser.add_argument(
         "--publish",
         default=None,
         metavar="DIR",
@@ -369,8 +501,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     command = cli_command(sys.argv[1:] if argv is None else list(argv))
     logging.basicConfig(format="%(name)s %(levelname)s: %(message)s")
     logging.getLogger("PML").setLevel(logging.INFO if args.verbose else logging.WARNING)
-    # PML's trainer formats a loss that requires grad into its progress bar.
-    warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True")
+    hide_trainer_warning()
     again = (
         f"the same torchrun command again to resume (its processes ran: {command})"
         if ddp.launched_by_torchrun()
@@ -387,6 +518,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
             progress=not args.no_progress,
             publish=args.publish,
             command=command,
+            workers=args.workers,
         )
 
     return run_command("benchmarks.run", benchmark, interrupted)

@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing
 import os
 import shlex
 import shutil
@@ -494,13 +493,6 @@ def _worker(
         tune_method(config, method, open_storage(storage), folder, runner, budget)
 
 
-def _worker_threads(config: Mapping[str, Any], workers: int) -> dict[str, Any]:
-    """Each of ``workers`` local processes gets an equal share of the cores unless pinned."""
-    if workers == 1 or config.get("threads") is not None:
-        return dict(config)
-    return {**config, "threads": max(1, (os.cpu_count() or 1) // workers)}
-
-
 def search(
     config: Mapping[str, Any],
     out: str | Path = "runs",
@@ -529,7 +521,7 @@ def search(
     folder.mkdir(parents=True, exist_ok=True)
     storage = storage or str(folder / JOURNAL)
     opened = open_storage(storage)
-    config = _worker_threads(config, workers)
+    config = run.worker_threads(config, workers)
     log(
         f"{config['name']}: tuning {names} with {budget} trials each (validation classes, "
         f"folds {config['tune']['folds']}, seeds {config['tune']['seeds']}), {workers} "
@@ -599,25 +591,13 @@ def _run_workers(
     opened: optuna.storages.BaseStorage,
 ) -> None:
     """``workers`` processes on one study; the bar follows the storage until they end."""
-    context = multiprocessing.get_context("spawn")
-    processes = [
-        context.Process(target=_worker, args=(config, method, storage, folder, out, budget))
-        for _ in range(workers)
-    ]
-    for process in processes:
-        process.start()
-    study = optuna.load_study(study_name=study_name(config, method), storage=opened)
-    try:
+    args = (config, method, storage, folder, out, budget)
+    with run.local_processes(_worker, args, workers) as processes:
+        study = optuna.load_study(study_name=study_name(config, method), storage=opened)
         while any(process.is_alive() for process in processes):
             bar.update(study)
             time.sleep(1.0)
-    finally:
-        for process in processes:
-            process.join()
     bar.update(study)
-    failed = [p.exitcode for p in processes if p.exitcode != 0]
-    if failed:
-        raise RuntimeError(f"{len(failed)} of {workers} workers exited with {failed}")
 
 
 def _best_params(
@@ -798,7 +778,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def quiet_optuna() -> None:
     """Optuna's log at WARNING and no warning per logged loss tensor: a command line's setting."""
-    warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True")
+    run.hide_trainer_warning()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 

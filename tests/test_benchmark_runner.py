@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,11 @@ def ranking_tolerance(num_queries: int) -> float:
     which moves the mean by at most 1 / num_queries. Allows two such near-ties.
     """
     return 2 / num_queries
+
+
+def _exit_with(status: int) -> None:
+    """A worker process's body that ends with ``status``."""
+    raise SystemExit(status)
 
 
 def _run(config_name, overrides, out, **kwargs):
@@ -619,6 +625,45 @@ def test_unit_results_do_not_depend_on_what_ran_before(tmp_path):
     assert torch.equal(embeddings[0]["embeddings"], embeddings[1]["embeddings"])
 
 
+@needs_omniglot
+def test_workers_share_the_units_and_change_no_result(tmp_path):
+    # both runs pin threads=1 per process, so a unit computes the same sums either way
+    overrides = [*TINY_OMNIGLOT, "seeds=[0,1]", "threads=1"]
+    methods = ["frozen", "global_pool", "multihead_crt"]
+    alone = _run("omniglot_quick", overrides, tmp_path / "a", methods=methods)
+    lines: list[str] = []
+    config = load_config(CONFIGS / "omniglot_quick.yaml", overrides)
+    shared = bench.run_benchmark(
+        config, tmp_path / "b", methods=methods, log=lines.append, progress=False, workers=2
+    )
+    assert alone["units_run"] == shared["units_run"] == 6 and shared["units_skipped"] == 0
+    started = [line.split(":")[0] for line in lines if line.endswith(("training", "evaluating"))]
+    assert sorted(started) == sorted(
+        f"[{i}/6] seed {s} {m} fold 0" for i, (s, m) in enumerate(product([0, 1], methods), 1)
+    )
+    assert any(
+        "units (2 seeds x 3 methods" in ln and "2 processes x 1 threads" in ln for ln in lines
+    )
+    for seed, method in product([0, 1], methods):
+        paths = [tmp_path / v / "omniglot_quick" / method / f"seed{seed}" / "fold0" for v in "ab"]
+        first, second = (json.loads((p / "results.json").read_text()) for p in paths)
+        assert first["test"] == second["test"] and first["val"] == second["val"], (seed, method)
+    assert alone["table"] == shared["table"]
+    again = bench.run_benchmark(
+        config, tmp_path / "b", methods=methods, log=lines.append, progress=False, workers=2
+    )
+    assert again["units_run"] == 0 and again["units_skipped"] == 6
+
+
+def test_a_failing_worker_process_is_an_error():
+    with pytest.raises(RuntimeError, match=r"2 of 2 worker processes exited with \[3, 3\]"):
+        with bench.local_processes(_exit_with, (3,), 2):
+            pass
+    with bench.local_processes(_exit_with, (0,), 2) as processes:
+        pass
+    assert [p.exitcode for p in processes] == [0, 0]
+
+
 def _fake_cars(root: Path, classes: int = 8, per_class: int = 3) -> None:
     rng = np.random.default_rng(0)
     names = [f"Maker Model/{c} 20{c:02d}" for c in range(1, classes + 1)]
@@ -833,6 +878,7 @@ def _user_errors(tmp_path: Path) -> dict[str, tuple[list[str], list[str]]]:
             ["dataset.root", str(tmp_path / "absent")],
         ),
         "unknown method": (quick + ["--methods", "nope"], ["--methods", "'nope'"]),
+        "no workers": (quick + ["--workers", "0"], ["--workers", "0"]),
     }
 
 

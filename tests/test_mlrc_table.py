@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -186,6 +187,25 @@ def test_published_block_names_why_it_is_not_comparable():
     assert "3 trials per method" in block
     table_lines = [line for line in block.splitlines() if line.startswith("| ")]
     assert len(table_lines) == 1 + len(mlrc_table.MLRC_PUBLISHED["CUB200"])
+
+
+def test_the_wall_clock_is_on_disk_while_a_stage_runs_and_adds_up_across_invocations(tmp_path):
+    path = tmp_path / "wall.json"
+    clock = mlrc_table.WallClock(path, every_s=0.05)
+    with clock.stage("final"):
+        deadline = time.monotonic() + 10.0
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # a kill -9 now would keep this record: the stage's time so far
+        written = json.loads(path.read_text())
+        assert len(written) == 1 and written[0]["final"] > 0
+    after = json.loads(path.read_text())[0]["final"]
+    assert after >= written[0]["final"]
+    later = mlrc_table.WallClock(path)
+    with later.stage("tune"):
+        pass
+    assert later.totals()["invocations"] == 2
+    assert later.totals()["final_min"] == pytest.approx(after)
 
 
 # --------------------------------------------------------------------------- the command
