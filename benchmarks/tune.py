@@ -409,6 +409,11 @@ def make_objective(
     return objective
 
 
+def finished_trials(study: optuna.Study) -> int:
+    """How many of the study's trials are complete or pruned."""
+    return sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
+
+
 def tune_method(
     config: Mapping[str, Any],
     method_name: str,
@@ -429,7 +434,7 @@ def tune_method(
     objective = make_objective(method, space, folder / method_name, budget, run_unit)
     while True:
         trials = study.get_trials(deepcopy=False)
-        finished = sum(t.state in FINISHED for t in trials)
+        finished = finished_trials(study)
         waiting = any(t.state == TrialState.WAITING for t in trials)
         running = sum(t.state == TrialState.RUNNING for t in trials)
         if finished >= budget or (not waiting and finished + running >= budget):
@@ -543,7 +548,9 @@ def search(
             log(f"{name}: trials {requeued} stopped before they finished; running them again")
         with _TrialBar(name, budget, progress) as bar:
             bar.update(study)
-            if workers == 1:
+            if finished_trials(study) >= budget:
+                log(f"{name}: its {budget} trials finished before; nothing to run")
+            elif workers == 1:
                 device = run.config_device(config)
                 with run.compute_threads(config.get("threads")), run.progress_bars(False):
                     runner = unit_runner(config, out, device, progress=progress)

@@ -253,7 +253,7 @@ TINY = {
 
 
 @needs_omniglot
-def test_one_command_tunes_runs_and_tables_and_a_rerun_trains_nothing(tmp_path):
+def test_one_command_tunes_runs_and_tables_and_a_rerun_trains_nothing(tmp_path, capsys):
     config = tmp_path / "tiny_mlrc.yaml"
     config.write_text(yaml.safe_dump(TINY))
     args = ["--config", str(config), "--out", str(tmp_path / "runs"), "--no-progress"]
@@ -262,7 +262,12 @@ def test_one_command_tunes_runs_and_tables_and_a_rerun_trains_nothing(tmp_path):
     runs = tmp_path / "runs"
     finished = {p: p.stat().st_mtime_ns for p in runs.rglob("results.json")}
     trials = sorted(runs.glob("tiny_mlrc/tune/*/trial*"))
-    second = mlrc_table.main(args)
+    capsys.readouterr()
+    second = mlrc_table.main([*args, "--workers", "2"])  # the rerun starts no trial, no unit
+    rerun = capsys.readouterr().out
+    for method in ("triplet_linear", "triplet_crt"):
+        assert f"{method}: its 2 trials finished before; nothing to run" in rerun
+    assert "0 units run, 6 skipped" in rerun
     assert {p: p.stat().st_mtime_ns for p in runs.rglob("results.json")} == finished
     assert sorted(runs.glob("tiny_mlrc/tune/*/trial*")) == trials
     assert len(trials) == 4 and len(finished) == 4 + 3 * 2  # trials; frozen + 2 methods x 2 seeds
