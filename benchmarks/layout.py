@@ -18,6 +18,7 @@ import torch
 from .build import is_frozen_method
 
 __all__ = [
+    "CACHE",
     "EMBEDDINGS",
     "MARKER",
     "RESULTS",
@@ -30,6 +31,7 @@ __all__ = [
 ]
 
 RESULTS = "results.json"
+CACHE = ".cache"  # <out>/.cache/: the frozen trunk blocks' outputs, shared by runs and searches
 EMBEDDINGS = "test_embeddings.pt"
 RESUME = "resume"  # a unit's resume points: resume/resume.json + resume/models<epoch>/
 MARKER = "resume.json"

@@ -2,21 +2,26 @@
 
 :class:`DataPipeline` is shared by every unit of a run (and every trial of a
 search): decoded images are cached as ``uint8`` and a frozen trunk prefix is run
-once over them, keyed by what changes their values.
+once over them, keyed by what changes their values. With a ``store`` folder the
+frozen-prefix outputs are also kept on disk, so the other processes of a search or
+of ``--workers`` (and later runs) load them instead of running the trunk again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .cache import CachedDataset, cache_dataset, cache_module_outputs, frozen_prefix
 from .data import Source, ToFloat, TransformedDataset, load_source, pil_transform
-from .layout import Log
+from .layout import Log, save_atomic
 
 __all__ = ["DataPipeline"]
 
@@ -29,10 +34,17 @@ class DataPipeline:
     fold's classes without copying.
     """
 
-    def __init__(self, dataset_config: Mapping[str, Any], log: Log = print, progress: bool = True):
+    def __init__(
+        self,
+        dataset_config: Mapping[str, Any],
+        log: Log = print,
+        progress: bool = True,
+        store: Path | None = None,
+    ):
         self.dataset_config = dict(dataset_config)
         self.log = log
         self.progress = progress
+        self.store = store
         self._source: Source | None = None
         self._images: dict[str, Any] = {}
         self._features: dict[str, CachedDataset] = {}
@@ -94,26 +106,86 @@ class DataPipeline:
             sort_keys=True,
         )
         if key not in self._features:
-            start = time.time()
-            features = cache_module_outputs(
-                frozen_prefix(trunk),
-                self.images(config, train=False),
-                batch_size=int(config["eval"]["batch_size"]),
-                device=device,
-                dtype=dtype,
-                desc="caching frozen trunk blocks",
-                progress=self.progress,
-            )
-            self.log(
-                f"cached the output of {trunk.frozen_blocks} frozen trunk blocks "
-                f"{tuple(features.data.shape[1:])} {dtype} "
-                f"({features.data.numel() * features.data.element_size() / 2**20:.0f} MiB) "
-                f"in {time.time() - start:.1f} s"
+            features = self._stored(
+                key, device, lambda: self._run_prefix(config, trunk, device, dtype)
             )
             if dtype != torch.float32:
                 features.transform = _ToFloat32()
             self._features[key] = features
         return self._features[key]
+
+    def _run_prefix(
+        self,
+        config: Mapping[str, Any],
+        trunk: torch.nn.Module,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> CachedDataset:
+        start = time.time()
+        features = cache_module_outputs(
+            frozen_prefix(trunk),
+            self.images(config, train=False),
+            batch_size=int(config["eval"]["batch_size"]),
+            device=device,
+            dtype=dtype,
+            desc="caching frozen trunk blocks",
+            progress=self.progress,
+        )
+        self.log(
+            f"cached the output of {trunk.frozen_blocks} frozen trunk blocks "
+            f"{tuple(features.data.shape[1:])} {dtype} "
+            f"({features.data.numel() * features.data.element_size() / 2**20:.0f} MiB) "
+            f"in {time.time() - start:.1f} s"
+        )
+        return features
+
+    def _stored(
+        self, key: str, device: torch.device, compute: Callable[[], CachedDataset]
+    ) -> CachedDataset:
+        """``compute()``, or what an earlier call with the same inputs kept in ``store``.
+
+        The file name hashes everything the values depend on: ``key``, the dataset
+        (its resolved root and labels), the device type, torch's version and thread
+        count (they change the rounding). One process computes while the others wait.
+        """
+        if self.store is None:
+            return compute()
+        dataset = {**self.dataset_config, "root": str(Path(self.dataset_config["root"]).resolve())}
+        labels = hashlib.sha256(json.dumps(self.source.labels).encode()).hexdigest()
+        identity = json.dumps(
+            [key, dataset, labels, device.type, torch.__version__, torch.get_num_threads()],
+            sort_keys=True,
+            default=str,
+        )
+        path = self.store / f"features-{hashlib.sha256(identity.encode()).hexdigest()[:20]}.pt"
+        self.store.mkdir(parents=True, exist_ok=True)
+        with _exclusive(path.with_suffix(".lock")):
+            if path.exists():
+                saved = torch.load(path, weights_only=True)
+                if saved["identity"] == identity:
+                    self.log(f"loaded the frozen trunk blocks' output from {path}")
+                    return CachedDataset(saved["data"], saved["labels"])
+            features = compute()
+            saved = {"identity": identity, "data": features.data, "labels": features.labels}
+            save_atomic(saved, path)
+        return features
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``lock`` (released when the process dies too);
+    where ``fcntl`` is missing (Windows) nothing is locked and both processes compute."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(lock, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class _Compose:

@@ -47,7 +47,7 @@ import tqdm
 from . import distributed as ddp
 from .build import is_frozen_method
 from .config import ConfigError, UserError, load_config, method_config, method_names
-from .layout import RESULTS, Log, unit_dir, unit_folds
+from .layout import CACHE, RESULTS, Log, unit_dir, unit_folds
 from .pipeline import DataPipeline
 from .results import combine, publish_results, table_header, write_results
 from .resume import check_previous
@@ -293,6 +293,7 @@ def _unit_worker(
     config: Mapping[str, Any],
     root: Path,
     hub_dir: Path,
+    store: Path | None,
     units: Sequence[Unit],
     taken: Any,
     messages: multiprocessing.Queue,
@@ -302,7 +303,7 @@ def _unit_worker(
     hide_trainer_warning()
     device = config_device(config)
     with compute_threads(config.get("threads")), progress_bars(False):
-        data = DataPipeline(config["dataset"], log=messages.put, progress=False)
+        data = DataPipeline(config["dataset"], log=messages.put, progress=False, store=store)
         run = _Run(config, root, data, device, hub_dir, messages.put, ddp.SINGLE_PROCESS)
         ran = skipped = 0
         while True:
@@ -353,7 +354,7 @@ def _run_in_workers(
     taken, messages = context.Value("i", 0), context.Queue()
     finished = [unit_dir(run.root, name, seed, fold) / RESULTS for seed, name, fold, _ in units]
     counts: list[tuple[int, int]] = []
-    args = (run.config, run.root, run.hub_dir, list(units), taken, messages)
+    args = (run.config, run.root, run.hub_dir, run.data.store, list(units), taken, messages)
     count = min(workers, len(units))
     with (
         local_processes(_unit_worker, args, count) as processes,
@@ -399,7 +400,7 @@ def _run_units(
     if launch.is_main:
         root.mkdir(parents=True, exist_ok=True)
     hub_dir = Path(config["trunk"].get("hub_dir") or Path(out) / ".torch_hub")
-    data = DataPipeline(config["dataset"], log=log, progress=progress)
+    data = DataPipeline(config["dataset"], log=log, progress=progress, store=Path(out) / CACHE)
     source = data.source  # a missing dataset fails here, before any unit
     run = _Run(config, root, data, device, hub_dir, log, launch)
     run_count, skipped = _run_all(run, names, folds, workers, progress)

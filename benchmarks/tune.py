@@ -46,11 +46,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import shlex
 import shutil
 import socket
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -65,7 +67,7 @@ from optuna.trial import TrialState
 
 from benchmarks import run
 from benchmarks.config import ConfigError, UserError, apply_override, load_config, method_config
-from benchmarks.layout import RESULTS, write_atomic
+from benchmarks.layout import CACHE, RESULTS, write_atomic
 from benchmarks.pipeline import DataPipeline
 from benchmarks.provenance import environment
 from benchmarks.resume import check_previous
@@ -99,6 +101,7 @@ __all__ = [
 
 SPACE_TYPES = ("float", "int", "categorical")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+STARTUP_TIMEOUT_S = 600.0  # how long the workers of a study wait for each other to start
 JOURNAL = "optuna.journal"
 
 
@@ -456,7 +459,9 @@ def unit_runner(config: Mapping[str, Any], out: Path, device: Any, progress: boo
     A unit that finished before (``results.json``, same config) is read back,
     not trained again: a re-queued trial continues where its attempt stopped.
     """
-    data = DataPipeline(config["dataset"], log=lambda message: None, progress=progress)
+    data = DataPipeline(
+        config["dataset"], log=lambda message: None, progress=progress, store=out / CACHE
+    )
     hub_dir = Path(config["trunk"].get("hub_dir") or out / ".torch_hub")
 
     def run_trial_unit(
@@ -485,16 +490,28 @@ def unit_runner(config: Mapping[str, Any], out: Path, device: Any, progress: boo
 
 
 def _worker(
-    config: Mapping[str, Any], method: str, storage: str, folder: Path, out: Path, budget: int
+    config: Mapping[str, Any],
+    method: str,
+    storage: str,
+    folder: Path,
+    out: Path,
+    budget: int,
+    ready: Any,
 ) -> None:
     """One worker process of ``--workers K``: trials of one study until the budget is used.
 
-    A spawned process does not inherit its parent's Optuna log level: it sets its own.
+    The workers wait at the barrier ``ready`` until all have started (imports and data
+    loaded), so that a slow start does not leave one of them without a trial. A spawned
+    process does not inherit its parent's Optuna log level: it sets its own.
     """
     quiet_optuna()
     device = run.config_device(config)
     with run.compute_threads(config.get("threads")), run.progress_bars(False):
         runner = unit_runner(config, out, device, progress=False)
+        try:
+            ready.wait(timeout=STARTUP_TIMEOUT_S)
+        except threading.BrokenBarrierError:  # another worker died while starting
+            pass
         tune_method(config, method, open_storage(storage), folder, runner, budget)
 
 
@@ -598,7 +615,8 @@ def _run_workers(
     opened: optuna.storages.BaseStorage,
 ) -> None:
     """``workers`` processes on one study; the bar follows the storage until they end."""
-    args = (config, method, storage, folder, out, budget)
+    ready = multiprocessing.get_context("spawn").Barrier(workers)
+    args = (config, method, storage, folder, out, budget, ready)
     with run.local_processes(_worker, args, workers) as processes:
         study = optuna.load_study(study_name=study_name(config, method), storage=opened)
         while any(process.is_alive() for process in processes):

@@ -821,6 +821,47 @@ def test_cub_compare_tiny_with_cached_frozen_blocks(tmp_path):
     assert frozen["test"]["precision_at_1"] > 0.5
 
 
+@needs_cub
+@needs_weights
+def test_frozen_block_outputs_are_computed_once_and_loaded_by_other_processes(tmp_path):
+    overrides = [
+        f"dataset.root={DATA}",
+        f"trunk.weights_path={WEIGHTS}",
+        "dataset.max_classes=8",
+        "folds=[0]",
+        *TINY_TRAINING,
+        "images.resize=64",
+        "images.crop=64",
+        "training.batch_size=8",
+        "eval.batch_size=32",
+        "device=cpu",
+        "threads=1",  # the stored outputs are those of one thread, in every process
+    ]
+    first: list[str] = []
+    config = load_config(CONFIGS / "cub_compare.yaml", [*overrides, "name=first"])
+    bench.run_benchmark(config, tmp_path, methods=["global_avg"], log=first.append, progress=False)
+    assert sum("cached the output of" in m for m in first) == 1
+    stored = sorted((tmp_path / ".cache").glob("features-*.pt"))
+    assert len(stored) == 1
+    second: list[str] = []
+    config = load_config(CONFIGS / "cub_compare.yaml", [*overrides, "name=second", "seeds=[0,1]"])
+    bench.run_benchmark(
+        config, tmp_path, methods=["global_avg"], log=second.append, progress=False, workers=2
+    )
+    assert not any("cached the output of" in m for m in second)
+    assert sum("loaded the frozen trunk blocks' output" in m for m in second) == 2  # per worker
+    paths = [tmp_path / n / "global_avg" / "seed0" / "fold0" for n in ("first", "second")]
+    embeddings = [torch.load(p / "test_embeddings.pt", weights_only=True) for p in paths]
+    assert torch.equal(embeddings[0]["embeddings"], embeddings[1]["embeddings"])
+    # other frozen blocks are other values: a second file, not a wrong reuse of the first
+    config = load_config(CONFIGS / "cub_compare.yaml", [*overrides, "name=third"])
+    config["trunk"]["frozen_blocks"] = int(config["trunk"]["frozen_blocks"]) - 1
+    third: list[str] = []
+    bench.run_benchmark(config, tmp_path, methods=["global_avg"], log=third.append, progress=False)
+    assert sum("cached the output of" in m for m in third) == 1
+    assert len(list((tmp_path / ".cache").glob("features-*.pt"))) == 2
+
+
 class _Stop(Exception):
     pass
 
