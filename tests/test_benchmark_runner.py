@@ -83,6 +83,18 @@ TINY_TRAINING = [
 ]
 TINY_OMNIGLOT = [f"dataset.root={DATA}", "dataset.max_classes=16", *TINY_TRAINING]
 TINY_IMAGES = ["images.resize=40", "images.crop=32", "trunk.weights=null"]
+TINY_CUB = [  # cub_compare.yaml's pretrained MobileNetV2 on 8 species at 64 px
+    f"dataset.root={DATA}",
+    f"trunk.weights_path={WEIGHTS}",
+    "dataset.max_classes=8",
+    "folds=[0]",
+    *TINY_TRAINING,
+    "images.resize=64",
+    "images.crop=64",
+    "training.batch_size=8",
+    "eval.batch_size=32",
+    "device=cpu",
+]
 
 
 UNIT_ROUNDOFF = 2.0**-24  # float32 rounds x to x(1 + d) with |d| <= u
@@ -770,27 +782,15 @@ def test_fake_sop_source_is_sorted_and_rgb(tmp_path):
 @needs_weights
 def test_cub_compare_tiny_with_cached_frozen_blocks(tmp_path):
     """cub_compare's MobileNetV2 (from weights_path) with and without the feature cache."""
-    overrides = [
-        f"dataset.root={DATA}",
-        f"trunk.weights_path={WEIGHTS}",
-        "dataset.max_classes=8",
-        "folds=[0]",
-        *TINY_TRAINING,
-        "images.resize=64",
-        "images.crop=64",
-        "training.batch_size=8",
-        "eval.batch_size=32",
-        "device=cpu",
-    ]
     methods = ["frozen", "global_avg"]
     messages: list[str] = []
-    config = load_config(CONFIGS / "cub_compare.yaml", overrides)
+    config = load_config(CONFIGS / "cub_compare.yaml", TINY_CUB)
     bench.run_benchmark(
         config, tmp_path / "cached", methods=methods, log=messages.append, progress=False
     )
     assert any("frozen trunk blocks" in m for m in messages)
     assert (tmp_path / "cached" / ".torch_hub" / "checkpoints" / WEIGHTS.name).is_file()
-    config = load_config(CONFIGS / "cub_compare.yaml", overrides + ["cache.features=false"])
+    config = load_config(CONFIGS / "cub_compare.yaml", [*TINY_CUB, "cache.features=false"])
     messages.clear()
     bench.run_benchmark(
         config, tmp_path / "plain", methods=methods, log=messages.append, progress=False
@@ -824,19 +824,7 @@ def test_cub_compare_tiny_with_cached_frozen_blocks(tmp_path):
 @needs_cub
 @needs_weights
 def test_frozen_block_outputs_are_computed_once_and_loaded_by_other_processes(tmp_path):
-    overrides = [
-        f"dataset.root={DATA}",
-        f"trunk.weights_path={WEIGHTS}",
-        "dataset.max_classes=8",
-        "folds=[0]",
-        *TINY_TRAINING,
-        "images.resize=64",
-        "images.crop=64",
-        "training.batch_size=8",
-        "eval.batch_size=32",
-        "device=cpu",
-        "threads=1",  # the stored outputs are those of one thread, in every process
-    ]
+    overrides = [*TINY_CUB, "threads=1"]  # the stored outputs: one thread's, in every process
     first: list[str] = []
     config = load_config(CONFIGS / "cub_compare.yaml", [*overrides, "name=first"])
     bench.run_benchmark(config, tmp_path, methods=["global_avg"], log=first.append, progress=False)
