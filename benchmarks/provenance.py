@@ -93,15 +93,16 @@ def environment(seed: int | None = None, device: torch.device | None = None) -> 
     }
 
 
-def _unit_commits(run_root: Path) -> dict[str, int]:
-    """How many units of the run folder ran each commit (their ``env.json``)."""
-    counts: dict[str, int] = {}
+def _unit_commits(run_root: Path) -> dict[tuple[str, int | None], int]:
+    """How many units of the run folder ran each (commit, torch thread count) (``env.json``)."""
+    counts: dict[tuple[str, int | None], int] = {}
     for env_file in sorted(run_root.glob("*/seed*/fold*/env.json")):
         try:
-            commit = json.loads(env_file.read_text()).get("git_commit")
+            env = json.loads(env_file.read_text())
         except (OSError, ValueError):
             continue
-        counts[str(commit)] = counts.get(str(commit), 0) + 1
+        key = (str(env.get("git_commit")), env.get("torch_threads"))
+        counts[key] = counts.get(key, 0) + 1
     return counts
 
 
@@ -123,12 +124,16 @@ def unit_provenance(run_root: Path | None) -> str:
     counts, seconds = _unit_commits(run_root), unit_seconds(run_root)
     lines = ""
     if counts:
-        listed = ", ".join(f"`{commit}` ({n} units)" for commit, n in sorted(counts.items()))
+        listed = ", ".join(
+            f"`{commit}` ({n} units{'' if threads is None else f', {threads} torch threads'})"
+            for (commit, threads), n in sorted(counts.items(), key=str)
+        )
         lines += f"The units ran the code of commit {listed} (each unit's `env.json`).\n"
     if seconds:
         lines += (
             f"Time of the {len(seconds)} finished units, summed: {sum(seconds) / 60:.1f} min "
-            "(each unit's `total_time_s`; caches built once per process are not in it).\n"
+            "(each unit's `total_time_s`, which includes the image and feature caches a unit "
+            "built for its process).\n"
         )
     return lines
 

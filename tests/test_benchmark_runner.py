@@ -1019,16 +1019,21 @@ def test_omniglot_compare_every_method_on_a_tiny_slice(tmp_path):
 
 def test_published_table_names_the_commits_and_time_of_its_units(tmp_path):
     root = tmp_path / "run"
-    for method, seed, commit in [("a", 0, "c1"), ("a", 1, "c2"), ("b", 0, "c1")]:
+    units = [("a", 0, "c1", 1), ("a", 1, "c2", 2), ("b", 0, "c1", 1), ("b", 1, "c1", 2)]
+    for method, seed, commit, threads in units:
         unit = unit_dir(root, method, seed, 0)
         unit.mkdir(parents=True)
-        (unit / "env.json").write_text(json.dumps({"git_commit": commit}))
+        env = {"git_commit": commit, "torch_threads": threads}
+        (unit / "env.json").write_text(json.dumps(env))
         (unit / "results.json").write_text(json.dumps({"total_time_s": 40.0 + seed}))
     rows = [{"method": "a", "evaluation": "separate", "seed": 0, "fold": "", "p": 0.5}]
     publish_results(tmp_path / "out", "t", "table", rows, ["p"], torch.device("cpu"), "cmd", root)
     text = (tmp_path / "out" / "t.md").read_text()
-    assert "The units ran the code of commit `c1` (2 units), `c2` (1 units)" in text
-    assert "Time of the 3 finished units, summed: 2.0 min" in text  # (40 + 41 + 40) s
+    assert (
+        "The units ran the code of commit `c1` (2 units, 1 torch threads), "
+        "`c1` (1 units, 2 torch threads), `c2` (1 units, 2 torch threads)" in text
+    )
+    assert "Time of the 4 finished units, summed: 2.7 min" in text  # (40 + 41 + 40 + 41) s
 
 
 @needs_omniglot
