@@ -283,7 +283,8 @@ def _run_all(
         f"methods x folds {list(folds)}) on {run.device}, {where}"
         f"{torch.get_num_threads()} threads -> {run.root}"
     )
-    if workers > 1:
+    pending = [u for u in units if not (unit_dir(run.root, u[1], u[0], u[2]) / RESULTS).exists()]
+    if workers > 1 and pending:  # with nothing to train, starting processes only costs time
         return _run_in_workers(run, units, workers, progress)
     ran = [_run_one(run, *unit) for unit in units]
     return sum(ran), len(ran) - sum(ran)
