@@ -147,6 +147,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="runs")
     parser.add_argument("--publish", default=None, metavar="DIR")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="local processes that share the units (default 1)"
+    )
     return parser.parse_args(argv)
 
 
@@ -159,7 +162,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         names = [n for n in run.select_methods(config, args.methods) if _trained(config, n)]
         swept = sweep_config(config, names, args.lrs)
         result = run.run_benchmark(
-            swept, args.out, progress=not args.no_progress, publish=args.publish, command=command
+            swept,
+            args.out,
+            progress=not args.no_progress,
+            publish=args.publish,
+            command=command,
+            workers=args.workers,
         )
         text = (
             f"## {swept['name']}: validation MAP@R by head learning rate\n\n"
