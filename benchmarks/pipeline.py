@@ -17,13 +17,17 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import PIL
 import torch
+import torchvision
 
 from .cache import CachedDataset, cache_dataset, cache_module_outputs, frozen_prefix
 from .data import Source, ToFloat, TransformedDataset, load_source, pil_transform
 from .layout import Log, save_atomic
 
-__all__ = ["DataPipeline"]
+__all__ = ["FEATURE_FORMAT", "DataPipeline"]
+
+FEATURE_FORMAT = 1  # raise it when the code that computes the stored trunk outputs changes
 
 
 class DataPipeline:
@@ -102,6 +106,7 @@ class DataPipeline:
                 {k: config["trunk"].get(k) for k in ("name", "weights", "frozen_blocks", "kwargs")},
                 {k: config["images"].get(k) for k in ("resize", "crop", "normalize")},
                 str(dtype),
+                int(config["eval"]["batch_size"]),
             ],
             sort_keys=True,
         )
@@ -144,16 +149,20 @@ class DataPipeline:
     ) -> CachedDataset:
         """``compute()``, or what an earlier call with the same inputs kept in ``store``.
 
-        The file name hashes everything the values depend on: ``key``, the dataset
-        (its resolved root and labels), the device type, torch's version and thread
-        count (they change the rounding). One process computes while the others wait.
+        The file name hashes what the values depend on: ``key`` (trunk, weights, frozen
+        blocks, image settings, dtype, batch size), the dataset (its resolved root and
+        labels), the device type, torch's thread count (it changes the rounding), the
+        versions of torch, torchvision and Pillow, and ``FEATURE_FORMAT``, raised whenever
+        this project's code changes how the outputs are computed. One process computes
+        while the others wait.
         """
         if self.store is None:
             return compute()
         dataset = {**self.dataset_config, "root": str(Path(self.dataset_config["root"]).resolve())}
         labels = hashlib.sha256(json.dumps(self.source.labels).encode()).hexdigest()
+        versions = [FEATURE_FORMAT, torch.__version__, torchvision.__version__, PIL.__version__]
         identity = json.dumps(
-            [key, dataset, labels, device.type, torch.__version__, torch.get_num_threads()],
+            [key, dataset, labels, device.type, versions, torch.get_num_threads()],
             sort_keys=True,
             default=str,
         )

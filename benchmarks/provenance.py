@@ -126,14 +126,16 @@ def unit_provenance(run_root: Path | None) -> str:
     if counts:
         listed = ", ".join(
             f"`{commit}` ({n} units{'' if threads is None else f', {threads} torch threads'})"
-            for (commit, threads), n in sorted(counts.items(), key=str)
+            for (commit, threads), n in sorted(
+                counts.items(), key=lambda c: (c[0][0], c[0][1] or 0)
+            )
         )
         lines += f"The units ran the code of commit {listed} (each unit's `env.json`).\n"
     if seconds:
         lines += (
             f"Time of the {len(seconds)} finished units, summed: {sum(seconds) / 60:.1f} min "
-            "(each unit's `total_time_s`, which includes the image and feature caches a unit "
-            "built for its process).\n"
+            "(each unit's `total_time_s`, which includes the caches a unit built for its "
+            "process, or waited for while another process built them).\n"
         )
     return lines
 

@@ -30,10 +30,12 @@ import argparse
 import contextlib
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import queue
 import shlex
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -59,6 +61,7 @@ __all__ = [
     "config_device",
     "exit_with",
     "hide_trainer_warning",
+    "local_processes",
     "main",
     "progress_bars",
     "run_benchmark",
@@ -68,6 +71,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+INTERRUPT_GRACE_S = 30.0  # after Ctrl-C, how long workers may take to stop by themselves
 
 
 # --------------------------------------------------------------------------- running
@@ -277,17 +282,40 @@ def _run_all(
         (seed, name, fold, f"[{index}/{len(cells)}] seed {seed} {name} fold {fold}")
         for index, (seed, name, fold) in enumerate(cells, 1)
     ]
-    where = f"{workers} processes x " if workers > 1 else _processes(run.launch)
+    done = [(unit_dir(run.root, u[1], u[0], u[2]) / RESULTS).exists() for u in units]
+    pending = [unit for unit, finished in zip(units, done, strict=True) if not finished]
+    spawned = min(workers, len(pending))  # nothing to train: no process to start
+    where = f"{spawned} processes x " if spawned > 1 else _processes(run.launch)
     run.log(
         f"{config['name']}: {len(units)} units ({len(config['seeds'])} seeds x {len(names)} "
         f"methods x folds {list(folds)}) on {run.device}, {where}"
         f"{torch.get_num_threads()} threads -> {run.root}"
     )
-    pending = [u for u in units if not (unit_dir(run.root, u[1], u[0], u[2]) / RESULTS).exists()]
-    if workers > 1 and pending:  # with nothing to train, starting processes only costs time
-        return _run_in_workers(run, units, workers, progress)
-    ran = [_run_one(run, *unit) for unit in units]
-    return sum(ran), len(ran) - sum(ran)
+    if spawned <= 1:
+        ran = [_run_one(run, *unit) for unit in units]
+        return sum(ran), len(ran) - sum(ran)
+    # finished units are checked here, so a changed config stops the run before any process
+    skipped = sum(
+        not _run_one(run, *unit) for unit, finished in zip(units, done, strict=True) if finished
+    )
+    return _run_in_workers(run, pending, spawned, progress), skipped
+
+
+def _exit_with_parent() -> None:
+    """In a spawned worker: end this process as soon as its parent is gone.
+
+    A parent killed without a chance to stop its workers (SIGKILL, the OOM killer)
+    would otherwise leave them training, and a rerun would start more on the same folders.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent watch", daemon=True).start()
 
 
 def _unit_worker(
@@ -300,24 +328,36 @@ def _unit_worker(
     messages: multiprocessing.Queue,
 ) -> None:
     """One of ``workers`` processes: run ``units[taken]``, advancing the shared ``taken``,
-    until none is left. Log lines go to ``messages``; last comes ``(units run, skipped)``."""
+    until none is left.
+
+    Messages: log lines (``str``); a :class:`UserError` as ``("error", text)``; last
+    ``("ran", units run)``. Ctrl-C ends it with status 130.
+    """
     hide_trainer_warning()
     device = config_device(config)
-    with compute_threads(config.get("threads")), progress_bars(False):
-        data = DataPipeline(config["dataset"], log=messages.put, progress=False, store=store)
-        run = _Run(config, root, data, device, hub_dir, messages.put, ddp.SINGLE_PROCESS)
-        ran = skipped = 0
-        while True:
-            with taken.get_lock():
-                index = taken.value
-                taken.value += 1
-            if index >= len(units):
-                break
-            if _run_one(run, *units[index]):
-                ran += 1
-            else:
-                skipped += 1
-    messages.put((ran, skipped))
+    ran = 0
+    try:
+        with compute_threads(config.get("threads")), progress_bars(False):
+            data = DataPipeline(config["dataset"], log=messages.put, progress=False, store=store)
+            run = _Run(config, root, data, device, hub_dir, messages.put, ddp.SINGLE_PROCESS)
+            while True:
+                with taken.get_lock():
+                    index = taken.value
+                    taken.value += 1
+                if index >= len(units):
+                    break
+                ran += _run_one(run, *units[index])
+    except UserError as error:
+        messages.put(("error", str(error)))
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    messages.put(("ran", ran))
+
+
+def _watched(target: Callable[..., None], args: tuple[Any, ...]) -> None:
+    """A worker process's body: ``target(*args)``, ended if the parent dies first."""
+    _exit_with_parent()
+    target(*args)
 
 
 @contextlib.contextmanager
@@ -326,18 +366,25 @@ def local_processes(
 ) -> Iterator[list[multiprocessing.process.BaseProcess]]:
     """``count`` spawned processes, each running ``target(*args)``, for the block.
 
-    Leaving the block joins them; when the block raised (Ctrl-C included) they are
-    terminated first. A process that exited with a nonzero status is a RuntimeError.
+    Each ends by itself when this process dies without stopping it. Leaving the block
+    joins them. When the block raised they are terminated first; on
+    Ctrl-C (which they receive too) they get ``INTERRUPT_GRACE_S`` seconds to stop by
+    themselves. A process that exited with a nonzero status is a RuntimeError.
     """
     context = multiprocessing.get_context("spawn")
-    processes = [context.Process(target=target, args=args) for _ in range(count)]
-    for process in processes:
-        process.start()
+    processes: list[multiprocessing.process.BaseProcess] = []
     try:
+        for _ in range(count):
+            processes.append(context.Process(target=_watched, args=(target, args)))
+            processes[-1].start()
         yield processes
-    except BaseException:
+    except BaseException as error:
+        if isinstance(error, KeyboardInterrupt):
+            for process in processes:
+                process.join(timeout=INTERRUPT_GRACE_S)
         for process in processes:
-            process.terminate()
+            if process.is_alive():
+                process.terminate()
         raise
     finally:
         for process in processes:
@@ -347,36 +394,49 @@ def local_processes(
         raise RuntimeError(f"{len(failed)} of {count} worker processes exited with {failed}")
 
 
-def _run_in_workers(
-    run: _Run, units: Sequence[Unit], workers: int, progress: bool
-) -> tuple[int, int]:
-    """``units`` shared out to ``workers`` spawned processes, with a bar over finished units."""
+def _run_in_workers(run: _Run, units: Sequence[Unit], workers: int, progress: bool) -> int:
+    """``units`` (none finished before) shared out to ``workers`` spawned processes, with a
+    bar over finished units; how many ran.
+
+    A worker's :class:`UserError` stops every worker and is raised here; after a worker
+    crashed, no unit is handed out any more and the others finish the one they are on.
+    """
     context = multiprocessing.get_context("spawn")
     taken, messages = context.Value("i", 0), context.Queue()
     finished = [unit_dir(run.root, name, seed, fold) / RESULTS for seed, name, fold, _ in units]
-    counts: list[tuple[int, int]] = []
+    ran = 0
+
+    def handle(message: str | tuple[str, Any]) -> None:
+        nonlocal ran
+        if isinstance(message, str):
+            run.log(message)
+        elif message[0] == "error":
+            raise UserError(message[1])
+        else:
+            ran += int(message[1])
+
     args = (run.config, run.root, run.hub_dir, run.data.store, list(units), taken, messages)
-    count = min(workers, len(units))
     with (
-        local_processes(_unit_worker, args, count) as processes,
+        local_processes(_unit_worker, args, workers) as processes,
         tqdm.tqdm(
             total=len(units), desc=str(run.config["name"]), unit="unit", disable=not progress
         ) as bar,
     ):
-        while len(counts) < count:
+        while any(process.is_alive() for process in processes):
             try:
-                message = messages.get(timeout=1.0)
+                handle(messages.get(timeout=1.0))
             except queue.Empty:
-                if not any(process.is_alive() for process in processes):
-                    break
-            else:
-                if isinstance(message, tuple):
-                    counts.append(message)
-                else:
-                    run.log(message)
+                if any(process.exitcode not in (None, 0) for process in processes):
+                    with taken.get_lock():
+                        taken.value = len(units)
             bar.n = sum(path.exists() for path in finished)
             bar.refresh()
-    return sum(c[0] for c in counts), sum(c[1] for c in counts)
+        while True:  # what the last workers sent just before they ended
+            try:
+                handle(messages.get_nowait())
+            except queue.Empty:
+                break
+    return ran
 
 
 def _run_units(

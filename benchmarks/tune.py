@@ -500,8 +500,8 @@ def _worker(
 ) -> None:
     """One worker process of ``--workers K``: trials of one study until the budget is used.
 
-    The workers wait at the barrier ``ready`` until all have started (imports and data
-    loaded), so that a slow start does not leave one of them without a trial. A spawned
+    The workers wait at the barrier ``ready`` until all have started (their imports
+    done), so that a slow start does not leave one of them without a trial. A spawned
     process does not inherit its parent's Optuna log level: it sets its own.
     """
     quiet_optuna()
@@ -620,6 +620,8 @@ def _run_workers(
     with run.local_processes(_worker, args, workers) as processes:
         study = optuna.load_study(study_name=study_name(config, method), storage=opened)
         while any(process.is_alive() for process in processes):
+            if any(process.exitcode not in (None, 0) for process in processes):
+                ready.abort()  # a worker died starting: the others need not wait for it
             bar.update(study)
             time.sleep(1.0)
     bar.update(study)

@@ -9,8 +9,11 @@ in PML's layouts, written to ``tmp_path``. Nothing touches the network.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from itertools import product
 from pathlib import Path
 
@@ -35,6 +38,7 @@ from benchmarks.cache import (
 from benchmarks.config import (
     DEFAULTS,
     ConfigError,
+    UserError,
     apply_override,
     deep_merge,
     load_config,
@@ -665,6 +669,51 @@ def test_workers_share_the_units_and_change_no_result(tmp_path):
         config, tmp_path / "b", methods=methods, log=lines.append, progress=False, workers=2
     )
     assert again["units_run"] == 0 and again["units_skipped"] == 6
+    # a finished unit whose config changed stops the run before any process starts
+    changed = load_config(CONFIGS / "omniglot_quick.yaml", [*overrides, "seeds=[0,1,2]"])
+    changed["methods"]["global_pool"]["embedder"]["kwargs"]["embedding_size"] = 64
+    with pytest.raises(UserError, match="global_pool"):
+        bench.run_benchmark(
+            changed, tmp_path / "b", methods=methods, log=lines.append, progress=False, workers=2
+        )
+    assert not (tmp_path / "b" / "omniglot_quick" / "frozen" / "seed2").exists()
+
+
+def test_worker_processes_end_when_their_parent_is_killed(tmp_path):
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\n"
+            "from benchmarks.run import local_processes\n"
+            "with local_processes(time.sleep, (600,), 1) as processes:\n"
+            "    print(processes[0].pid, flush=True)\n"
+            "    time.sleep(600)\n",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    child = int(parent.stdout.readline())
+    parent.kill()  # SIGKILL: no code of the parent runs to stop its worker
+    parent.wait()
+    parent.stdout.close()
+    deadline = time.monotonic() + 60.0
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    survived = _alive(child)
+    if survived:
+        os.kill(child, signal.SIGKILL)  # leave no sleeper behind when the test fails
+    assert not survived
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process (a zombie, which only waits to be reaped, is not)."""
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return status.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def test_a_failing_worker_process_is_an_error():
@@ -825,28 +874,29 @@ def test_cub_compare_tiny_with_cached_frozen_blocks(tmp_path):
 @needs_weights
 def test_frozen_block_outputs_are_computed_once_and_loaded_by_other_processes(tmp_path):
     overrides = [*TINY_CUB, "threads=1"]  # the stored outputs: one thread's, in every process
-    first: list[str] = []
-    config = load_config(CONFIGS / "cub_compare.yaml", [*overrides, "name=first"])
-    bench.run_benchmark(config, tmp_path, methods=["global_avg"], log=first.append, progress=False)
-    assert sum("cached the output of" in m for m in first) == 1
-    stored = sorted((tmp_path / ".cache").glob("features-*.pt"))
-    assert len(stored) == 1
-    second: list[str] = []
-    config = load_config(CONFIGS / "cub_compare.yaml", [*overrides, "name=second", "seeds=[0,1]"])
+    # two workers on an empty store: whichever needs the outputs first computes them, once
+    shared: list[str] = []
+    config = load_config(CONFIGS / "cub_compare.yaml", [*overrides, "name=shared", "seeds=[0,1]"])
     bench.run_benchmark(
-        config, tmp_path, methods=["global_avg"], log=second.append, progress=False, workers=2
+        config, tmp_path, methods=["global_avg"], log=shared.append, progress=False, workers=2
     )
-    assert not any("cached the output of" in m for m in second)
-    assert sum("loaded the frozen trunk blocks' output" in m for m in second) == 2  # per worker
-    paths = [tmp_path / n / "global_avg" / "seed0" / "fold0" for n in ("first", "second")]
+    assert sum("cached the output of" in m for m in shared) == 1
+    assert len(list((tmp_path / ".cache").glob("features-*.pt"))) == 1
+    # a later run in one process loads them and trains to the same embeddings
+    alone: list[str] = []
+    config = load_config(CONFIGS / "cub_compare.yaml", [*overrides, "name=alone"])
+    bench.run_benchmark(config, tmp_path, methods=["global_avg"], log=alone.append, progress=False)
+    assert not any("cached the output of" in m for m in alone)
+    assert sum("loaded the frozen trunk blocks' output" in m for m in alone) == 1
+    paths = [tmp_path / n / "global_avg" / "seed0" / "fold0" for n in ("shared", "alone")]
     embeddings = [torch.load(p / "test_embeddings.pt", weights_only=True) for p in paths]
     assert torch.equal(embeddings[0]["embeddings"], embeddings[1]["embeddings"])
     # other frozen blocks are other values: a second file, not a wrong reuse of the first
-    config = load_config(CONFIGS / "cub_compare.yaml", [*overrides, "name=third"])
+    config = load_config(CONFIGS / "cub_compare.yaml", [*overrides, "name=other"])
     config["trunk"]["frozen_blocks"] = int(config["trunk"]["frozen_blocks"]) - 1
-    third: list[str] = []
-    bench.run_benchmark(config, tmp_path, methods=["global_avg"], log=third.append, progress=False)
-    assert sum("cached the output of" in m for m in third) == 1
+    other: list[str] = []
+    bench.run_benchmark(config, tmp_path, methods=["global_avg"], log=other.append, progress=False)
+    assert sum("cached the output of" in m for m in other) == 1
     assert len(list((tmp_path / ".cache").glob("features-*.pt"))) == 2
 
 
