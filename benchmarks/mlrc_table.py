@@ -189,14 +189,43 @@ def _budget_cells(budget: MethodBudget | None) -> list[str]:
     ]
 
 
+def _paired(table: Mapping[str, Mapping[int, Any]], row: LossRow) -> tuple[float, float] | None:
+    """MAP@R of ``crt - linear`` paired by seed: (mean, 95% CI half-width), or None."""
+    if row.linear not in table or row.crt not in table:
+        return None
+    (entry,) = paired_differences(table, pairs=[(row.crt, row.linear)])
+    return entry[MAP_R]
+
+
 def _paired_cells(table: Mapping[str, Mapping[int, Any]], row: LossRow) -> list[str]:
     """``ΔMAP@R`` (pts) of ``crt - linear`` paired by seed, and its verdict."""
-    if row.linear not in table or row.crt not in table:
+    paired = _paired(table, row)
+    if paired is None:
         return ["-", "-"]
-    (entry,) = paired_differences(table, pairs=[(row.crt, row.linear)])
-    mean, half = entry[MAP_R]
+    mean, half = paired
     text = f"{100 * mean:+.2f}" if math.isnan(half) else f"{100 * mean:+.2f} ± {100 * half:.2f}"
     return [text, verdict(mean, half)]
+
+
+def verdict_summary(
+    rows: Sequence[Mapping[str, Any]], groups: Sequence[LossRow], evaluation: str
+) -> str:
+    """One sentence: for which losses MultiHeadCRT's paired MAP@R is better, level, worse."""
+    table = seed_table(rows, evaluation, METRICS)
+    by_verdict: dict[str, list[str]] = {}
+    for group in groups:
+        paired = _paired(table, group)
+        if paired is not None:
+            by_verdict.setdefault(verdict(*paired), []).append(group.label)
+    listed = [
+        f"{word} for {', '.join(by_verdict[word])}"
+        for word in ("better", "no difference", "worse", "one seed: no verdict")
+        if word in by_verdict
+    ]
+    return (
+        f"Where MultiHeadCRT helps ({EVALUATIONS[evaluation]}, paired MAP@R against the "
+        f"linear embedder of the same loss): {'; '.join(listed) or 'no pair ran'}."
+    )
 
 
 def evaluation_table(
@@ -285,6 +314,8 @@ def mlrc_markdown(
             f"## Test classes, {EVALUATIONS[evaluation]}",
             "",
             evaluation_table(rows, groups, budgets, evaluation),
+            "",
+            verdict_summary(rows, groups, evaluation),
         ]
     parts += [
         "",

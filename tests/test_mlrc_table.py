@@ -124,6 +124,8 @@ def test_metric_cells_and_paired_difference_match_plain_loops():
     mean, half = _mean_ci(diffs)
     assert crt[5] == f"{100 * mean:+.2f} ± {100 * half:.2f}"
     assert crt[6] == ("better" if mean - half > 0 else "no difference")
+    summary = mlrc_table.verdict_summary(_rows(), loss_rows(list(VALUES)), "separate")
+    assert f"): {crt[6]} for MS." in summary
     assert linear[5:7] == ["", ""]
     assert linear[7:] == ["2 + 1", "3.2 min", "4.0 min"]
     assert crt[7:] == ["1 + 2", "5.5 min", "6.0 min"]
@@ -139,6 +141,10 @@ def test_a_clear_difference_gets_a_verdict():
             row[MAP_R] = linear - 0.05 + 0.001 * row["seed"]  # 4.8 to 5 points below
     table = mlrc_table.evaluation_table(rows, loss_rows(list(VALUES)), BUDGETS, "separate")
     assert _cells(table, "", "MultiHeadCRT")[6] == "worse"
+    summary = mlrc_table.verdict_summary(rows, loss_rows(list(VALUES)), "separate")
+    assert summary.endswith(
+        "paired MAP@R against the linear embedder of the same loss): worse for MS."
+    )
 
 
 def test_report_has_one_table_per_evaluation_and_states_the_budget():
