@@ -72,6 +72,7 @@ __all__ = [
 
 T = TypeVar("T")
 
+LOG_FORMAT = "%(name)s %(levelname)s: %(message)s"  # of every process's log lines
 INTERRUPT_GRACE_S = 30.0  # after Ctrl-C, how long workers may take to stop by themselves
 
 
@@ -131,12 +132,20 @@ def hide_trainer_warning() -> None:
     warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True")
 
 
+def available_cores() -> int:
+    """The cores this process may run on: its affinity mask (a container's CPU set, a
+    ``taskset``) where the OS has one, else every core of the machine."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def worker_threads(config: Mapping[str, Any], workers: int) -> dict[str, Any]:
-    """``config`` for one of ``workers`` local processes: an equal share of the cores
-    unless ``threads`` pins the count."""
+    """``config`` for one of ``workers`` local processes: an equal share of the cores this
+    process may use (:func:`available_cores`) unless ``threads`` pins the count."""
     if workers == 1 or config.get("threads") is not None:
         return dict(config)
-    return {**config, "threads": max(1, (os.cpu_count() or 1) // workers)}
+    return {**config, "threads": max(1, available_cores() // workers)}
 
 
 class _HiddenBar(tqdm.tqdm):
@@ -354,9 +363,13 @@ def _unit_worker(
     messages.put(("ran", ran))
 
 
-def _watched(target: Callable[..., None], args: tuple[Any, ...]) -> None:
-    """A worker process's body: ``target(*args)``, ended if the parent dies first."""
+def _watched(target: Callable[..., None], args: tuple[Any, ...], pml_log_level: int) -> None:
+    """A worker process's body: ``target(*args)``, ended if the parent dies first, with
+    the parent's level for PML's logger (``--verbose``), which a spawned process does not
+    inherit."""
     _exit_with_parent()
+    logging.basicConfig(format=LOG_FORMAT)
+    logging.getLogger("PML").setLevel(pml_log_level)
     target(*args)
 
 
@@ -366,8 +379,9 @@ def local_processes(
 ) -> Iterator[list[multiprocessing.process.BaseProcess]]:
     """``count`` spawned processes, each running ``target(*args)``, for the block.
 
-    Each ends by itself when this process dies without stopping it. Leaving the block
-    joins them. When the block raised they are terminated first; on
+    Each ends by itself when this process dies without stopping it, and logs PML's
+    messages at this process's level for them. Leaving the block joins them. When the
+    block raised they are terminated first; on
     Ctrl-C (which they receive too) they get ``INTERRUPT_GRACE_S`` seconds to stop by
     themselves. A process that exited with a nonzero status is a RuntimeError.
     """
@@ -375,7 +389,8 @@ def local_processes(
     processes: list[multiprocessing.process.BaseProcess] = []
     try:
         for _ in range(count):
-            processes.append(context.Process(target=_watched, args=(target, args)))
+            level = logging.getLogger("PML").getEffectiveLevel()
+            processes.append(context.Process(target=_watched, args=(target, args, level)))
             processes[-1].start()
         yield processes
     except BaseException as error:
@@ -561,7 +576,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     """
     args = parse_args(argv)
     command = cli_command(sys.argv[1:] if argv is None else list(argv))
-    logging.basicConfig(format="%(name)s %(levelname)s: %(message)s")
+    logging.basicConfig(format=LOG_FORMAT)
     logging.getLogger("PML").setLevel(logging.INFO if args.verbose else logging.WARNING)
     hide_trainer_warning()
     again = (

@@ -9,6 +9,8 @@ in PML's layouts, written to ``tmp_path``. Nothing touches the network.
 from __future__ import annotations
 
 import json
+import logging
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -16,6 +18,7 @@ import sys
 import time
 from itertools import product
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -723,6 +726,35 @@ def test_a_failing_worker_process_is_an_error():
     with bench.local_processes(_exit_with, (0,), 2) as processes:
         pass
     assert [p.exitcode for p in processes] == [0, 0]
+
+
+def _send_pml_log_level(levels: Any) -> None:
+    levels.put(logging.getLogger("PML").getEffectiveLevel())
+
+
+@pytest.mark.parametrize("level", [logging.INFO, logging.WARNING])
+def test_worker_processes_log_pml_at_their_parents_level(level: int):
+    """``--verbose`` sets PML's logger to INFO; a spawned worker starts without it."""
+    levels = multiprocessing.get_context("spawn").Queue()
+    pml = logging.getLogger("PML")
+    before = pml.level
+    pml.setLevel(level)
+    try:
+        with bench.local_processes(_send_pml_log_level, (levels,), 1):
+            pass
+    finally:
+        pml.setLevel(before)
+    assert levels.get(timeout=60) == level
+
+
+@pytest.mark.parametrize(("cores", "workers", "threads"), [(4, 2, 2), (1, 2, 1), (3, 2, 1)])
+def test_workers_share_the_cores_this_process_may_use(monkeypatch, cores, workers, threads):
+    """A container or ``taskset`` can allow fewer cores than the machine has."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert bench.worker_threads({"name": "x"}, workers) == {"name": "x", "threads": threads}
+    assert bench.worker_threads({"threads": 8}, workers) == {"threads": 8}
+    assert bench.worker_threads({"name": "x"}, 1) == {"name": "x"}
 
 
 def _fake_cars(root: Path, classes: int = 8, per_class: int = 3) -> None:
