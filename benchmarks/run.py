@@ -379,11 +379,11 @@ def local_processes(
 ) -> Iterator[list[multiprocessing.process.BaseProcess]]:
     """``count`` spawned processes, each running ``target(*args)``, for the block.
 
-    Each ends by itself when this process dies without stopping it, and logs PML's
-    messages at this process's level for them. Leaving the block joins them. When the
-    block raised they are terminated first; on
-    Ctrl-C (which they receive too) they get ``INTERRUPT_GRACE_S`` seconds to stop by
-    themselves. A process that exited with a nonzero status is a RuntimeError.
+    Each logs PML's messages at this process's level and ends by itself when this process
+    dies without stopping it. Leaving the block joins them. When the block raised they are
+    terminated first; on Ctrl-C (which they receive too) they get ``INTERRUPT_GRACE_S``
+    seconds to stop by themselves. A process that exited with a nonzero status is a
+    RuntimeError.
     """
     context = multiprocessing.get_context("spawn")
     processes: list[multiprocessing.process.BaseProcess] = []
