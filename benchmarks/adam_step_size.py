@@ -15,7 +15,8 @@ The batch is synthetic but shaped like MobileNetV2's last map at 224 px:
 ``ReLU(class mean + noise)``, so it shows the mechanism and not an accuracy.
 Heads: a linear head (``GlobalPoolEmbedder``, avg, 128-d), ``CRT(C, 128, 32)``
 and ``MultiHeadCRT()``'s primary head ``CRT(C, 512, 64)``, each with the plain
-``"flatten"`` fusion, with ``scale_fusion_step=True`` and with ``"sum"``
+``"flatten"`` fusion, with ``scale_fusion_step=True`` (the optimizer built
+from :func:`pml_crt.utils.param_groups`, as for every head) and with ``"sum"``
 fusion. Groups: ``all``; ``fuse`` (the fusion); ``projection`` (Linear +
 LayerNorm); ``prototypes`` (the prototypes and the temperature).
 """
@@ -34,6 +35,7 @@ from pytorch_metric_learning.losses import MultiSimilarityLoss
 
 from benchmarks.layout import write_atomic
 from pml_crt.models import CRT, GlobalPoolEmbedder
+from pml_crt.utils import param_groups
 from pml_crt.utils.stats import mean_ci95
 
 __all__ = ["HEADS", "GROUPS", "cosine_drift", "main", "measure", "synthetic_batch"]
@@ -65,22 +67,26 @@ def synthetic_batch(channels: int, generator: torch.Generator) -> tuple[torch.Te
     return torch.relu(means[labels] + noise), labels
 
 
-def _parameters(head: torch.nn.Module, prefixes: tuple[str, ...] | None) -> list[torch.Tensor]:
-    named = head.named_parameters()
-    return [p for n, p in named if prefixes is None or n.startswith(prefixes)]
+def _train_only(head: torch.nn.Module, prefixes: tuple[str, ...] | None) -> bool:
+    """Freeze every parameter of ``head`` outside ``prefixes``; ``False`` if none is left."""
+    for name, parameter in head.named_parameters():
+        parameter.requires_grad_(prefixes is None or name.startswith(prefixes))
+    return any(parameter.requires_grad for parameter in head.parameters())
 
 
 def cosine_drift(
     head: torch.nn.Module,
     features: torch.Tensor,
     labels: torch.Tensor,
-    parameters: Sequence[torch.Tensor],
     lr: float,
     steps: int,
 ) -> float:
-    """Mean ``1 - cos`` between ``head``'s embeddings before and after ``steps`` Adam steps."""
+    """Mean ``1 - cos`` between ``head``'s embeddings before and after ``steps`` Adam steps.
+
+    Adam trains the parameters that require grad, in :func:`pml_crt.utils.param_groups`.
+    """
     loss_fn = MultiSimilarityLoss()
-    optimizer = torch.optim.Adam(parameters, lr=lr)
+    optimizer = torch.optim.Adam(param_groups(head, lr=lr))
     with torch.no_grad():
         before = F.normalize(head(features), dim=1)
     for _ in range(steps):
@@ -108,10 +114,9 @@ def measure(
                 for lr in lrs:
                     torch.manual_seed(seed)
                     head = build(channels)
-                    parameters = _parameters(head, prefixes)
-                    if not parameters:
+                    if not _train_only(head, prefixes):
                         continue
-                    drift = cosine_drift(head, features, labels, parameters, lr, steps)
+                    drift = cosine_drift(head, features, labels, lr, steps)
                     drifts.setdefault((name, group, lr), []).append(drift)
     return drifts
 

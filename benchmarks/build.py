@@ -22,6 +22,7 @@ import pml_crt
 from pml_crt.losses import MultiHeadLoss, PrototypeRegularizedLoss
 from pml_crt.models import CRT, GlobalPoolEmbedder, MultiHeadCRT, NetVLAD
 from pml_crt.trunks import FeatureMapTrunk, SmallConvNet, available_trunks, feature_map_trunk
+from pml_crt.utils import param_groups
 
 from .config import ConfigError, MissingFileError
 
@@ -304,11 +305,14 @@ def _regularize_prototypes(
         raise ConfigError(f"loss.kwargs: {error}") from error
 
 
-def _optimizer(
-    spec: Mapping[str, Any], parameters: list[torch.nn.Parameter]
-) -> torch.optim.Optimizer:
+def _optimizer(spec: Mapping[str, Any], module: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimizer of ``spec`` over ``module``'s trainable parameters, in
+    :func:`pml_crt.utils.param_groups` (a CRT fusion with ``scale_fusion_step`` at its
+    scaled learning rate; ``lr`` defaults to the optimizer's own default)."""
     cls = _lookup(spec["name"], (torch.optim,), "optimizer")
-    return cls(parameters, **dict(spec.get("kwargs") or {}))
+    kwargs = dict(spec.get("kwargs") or {})
+    lr = kwargs.get("lr", inspect.signature(cls).parameters["lr"].default)
+    return cls(param_groups(module, lr=lr), **kwargs)
 
 
 def build_optimizers(
@@ -327,14 +331,13 @@ def build_optimizers(
     specs = config["optimizers"]
     optimizers = {}
     for key, module in {**models, **loss_funcs}.items():
-        parameters = [p for p in module.parameters() if p.requires_grad]
-        if not parameters:
+        if not any(p.requires_grad for p in module.parameters()):
             continue
         spec = specs.get(key, specs.get("default"))
         if spec is None:
             module.requires_grad_(False)
             continue
-        optimizers[f"{key}_optimizer"] = _optimizer(spec, parameters)
+        optimizers[f"{key}_optimizer"] = _optimizer(spec, module)
     return optimizers
 
 

@@ -28,7 +28,7 @@ batch dimension and two pitfalls handled for you:
 
 ``torch.jit.script`` is not supported: the modules use Python features that
 TorchScript cannot compile (``object``/``Literal`` annotations, f-strings of
-shapes, properties of ``ModuleWithRecords``, an ``autograd.Function``);
+shapes, properties of ``ModuleWithRecords``);
 tracing gives the same inference graph. The batch dimension of a trace is
 dynamic; its shape checks are baked in for the example's channel count.
 """

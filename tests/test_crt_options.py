@@ -52,6 +52,18 @@ def test_prototype_wise_linear_gradcheck():
         assert torch.autograd.gradcheck(call, (parameter.detach().clone().requires_grad_(),))
 
 
+def test_prototype_wise_linear_initialises_each_prototype_as_a_linear_of_fan_in_d():
+    # Linear(d, D/K)'s default: U(-1/sqrt(d), 1/sqrt(d)) for weights and bias. With
+    # 4 * 16 * 16 draws the largest |w| is within 1% of the bound (all but ~e^-10).
+    torch.manual_seed(0)
+    fuse = PrototypeWiseLinear(4, 16, 64)
+    bound = 1 / 16**0.5
+    for parameter in (fuse.weight, fuse.bias):
+        largest = float(parameter.detach().abs().max())
+        assert 0.9 * bound < largest <= bound, (parameter.shape, largest, bound)
+    assert float(fuse.weight.detach().abs().max()) > 0.99 * bound
+
+
 def test_crt_prototype_wise_fusion_and_its_parameter_count():
     torch.manual_seed(0)
     crt = CRT(6, embedding_size=8, num_prototypes=4, projection_dim=5, fusion="prototype_wise")

@@ -77,6 +77,16 @@ def test_embedder_under_autocast(name, kind, device, dtype):
 
 
 @pytest.mark.parametrize("device,dtype", DEVICES_AND_DTYPES)
+@pytest.mark.parametrize("fusion", ["flatten", "sum", "prototype_wise"])
+def test_every_fusion_returns_the_autocast_dtype_like_a_linear(fusion, device, dtype):
+    module = CRT(32, 16, 8, fusion=fusion).to(device)
+    with torch.autocast(device, dtype=dtype):
+        out = module(_inputs("normal", device))
+        linear = torch.nn.Linear(4, 2).to(device)(torch.ones(1, 4, device=device))
+    assert out.dtype == linear.dtype == dtype
+
+
+@pytest.mark.parametrize("device,dtype", DEVICES_AND_DTYPES)
 def test_losses_under_autocast(device, dtype):
     torch.manual_seed(0)
     sizes = [16, 8]

@@ -66,6 +66,19 @@ def test_lazy_names_resolve_to_the_same_objects_in_any_import_order():
     assert printed.split() == ["function", "function", "True", "True"]
 
 
+def test_dir_lists_every_public_name_before_it_is_imported():
+    # In a fresh interpreter nothing has been resolved yet, so only __dir__ can list them.
+    printed = _fresh_interpreter(
+        "import importlib\n"
+        "for name in ('pml_crt', 'pml_crt.datasets', 'pml_crt.trunks', 'pml_crt.utils'):\n"
+        "    module = importlib.import_module(name)\n"
+        "    print(name, sorted(set(module.__all__) - set(dir(module))))"
+    )
+    assert printed.splitlines() == [
+        f"{name} []" for name in ("pml_crt", "pml_crt.datasets", "pml_crt.trunks", "pml_crt.utils")
+    ]
+
+
 def test_unknown_names_raise_attribute_error():
     assert not hasattr(pml_crt, "no_such_name")
     with pytest.raises(AttributeError, match="no_such_name"):

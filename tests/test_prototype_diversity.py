@@ -201,6 +201,32 @@ def test_wrapper_does_not_own_the_model():
     assert [p.shape for p in proxies.parameters()] == [(4, 9)]
 
 
+def test_a_per_head_prototype_term_is_refused_with_the_composition_that_works():
+    # As a per-head loss, each head's deep copy would copy the model (the term's gradient
+    # on the live prototypes was 0); shared, it would be added once per head.
+    model, _, _, _ = _setup()
+    wrapped = PrototypeRegularizedLoss(losses.ContrastiveLoss(), model)
+    fix = r"PrototypeRegularizedLoss\(MultiHeadLoss\(loss, embedding_sizes\), embedder\)"
+    with pytest.raises(ValueError, match=r"loss is \(or wraps\) a Proto.*" + fix):
+        MultiHeadLoss(wrapped, model.embedding_sizes)
+    with pytest.raises(ValueError, match=r"loss\[1\] is \(or wraps\)"):
+        MultiHeadLoss([losses.ContrastiveLoss(), wrapped], model.embedding_sizes)
+    with pytest.raises(ValueError, match="the loss factory's loss for head 0"):
+        MultiHeadLoss(
+            lambda size: PrototypeRegularizedLoss(losses.ContrastiveLoss(), model),
+            model.embedding_sizes,
+        )
+
+
+def test_the_term_wrapping_multihead_loss_reaches_the_live_prototypes_once():
+    model, x, labels, loss_fn = _setup()
+    got = _penalty_part(model, x, labels, loss_fn, lambda f: f(model(x), labels).backward())
+    expected = _reference_penalty_grads(model, 0.7)
+    assert any(float(g.abs().max()) > 0 for g in expected)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
 def test_wrapper_passes_the_arguments_unchanged():
     calls = []
 

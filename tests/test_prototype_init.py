@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pml_crt.models import CRT, MultiHeadCRT, NetVLAD
-from pml_crt.models.prototype_init import init_from_data, kmeans, sample_descriptors
+from pml_crt.models.prototype_init import _plus_plus, init_from_data, kmeans, sample_descriptors
 
 
 def _blobs(dtype: torch.dtype, per_blob: int = 20, seed: int = 0) -> torch.Tensor:
@@ -42,13 +42,22 @@ def _lloyd_reference(points, centers, iterations, spherical):
         pts, cs = [unit(p) for p in pts], [unit(c) for c in cs]
     labels = [nearest(p, cs) for p in pts]
     for _ in range(iterations):
-        new_centers = []
+        means = {}
         for k in range(len(cs)):
             members = [p for p, label in zip(pts, labels, strict=True) if label == k]
-            assert members, "the reference does not handle empty clusters"
-            mean = [sum(column) / len(members) for column in zip(*members, strict=True)]
-            new_centers.append(unit(mean) if spherical else mean)
-        cs = new_centers
+            if members:
+                means[k] = [sum(column) / len(members) for column in zip(*members, strict=True)]
+        # An empty cluster takes the point farthest from its own cluster's mean (the
+        # farthest for the first empty cluster, the next farthest for the second, ...).
+        distances = [
+            sum((a - b) ** 2 for a, b in zip(p, means[label], strict=True))
+            for p, label in zip(pts, labels, strict=True)
+        ]
+        farthest = sorted(range(len(pts)), key=lambda i: -distances[i])
+        empty = [k for k in range(len(cs)) if k not in means]
+        for k, i in zip(empty, farthest, strict=False):
+            means[k] = list(pts[i])
+        cs = [unit(means[k]) if spherical else means[k] for k in range(len(cs))]
         new_labels = [nearest(p, cs) for p in pts]
         if new_labels == labels:
             break
@@ -69,6 +78,53 @@ def test_lloyd_iterations_match_a_loop_reference(dtype, spherical):
     scale = float(points.abs().max()) if not spherical else 1.0
     tolerance = (points.shape[0] + 8) * unit * scale
     torch.testing.assert_close(got.double(), expected, atol=tolerance, rtol=0)
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 3])
+@pytest.mark.parametrize("spherical", [True, False])
+def test_exactly_the_given_number_of_lloyd_iterations(spherical, iterations):
+    # Unclustered points: Lloyd's iterations keep moving the centres for a while.
+    points = torch.randn(300, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    init = points[:8].clone()
+    got = kmeans(points, 8, iterations=iterations, spherical=spherical, init=init)
+    expected = _lloyd_reference(points, init, iterations, spherical)
+    unconverged = _lloyd_reference(points, init, iterations + 1, spherical)
+    assert not torch.allclose(expected, unconverged), "the start converges too fast to test"
+    tolerance = (points.shape[0] + 8) * torch.finfo(torch.float64).eps * float(points.abs().max())
+    torch.testing.assert_close(got, expected, atol=tolerance, rtol=0)
+
+
+@pytest.mark.parametrize("spherical", [True, False])
+def test_empty_clusters_take_the_points_farthest_from_their_centres(spherical):
+    # Every point is nearest the first start, so after one iteration clusters 1 and 2
+    # are empty and take the farthest and the next-farthest point from the first mean.
+    points = torch.tensor(
+        [[1.0, 1.0], [1.2, 1.0], [5.0, 1.0], [5.0, 1.3], [9.0, 1.0], [8.0, 1.2]],
+        dtype=torch.float64,
+    )
+    init = torch.tensor([[4.0, 1.0], [-50.0, -60.0], [-60.0, -50.0]], dtype=torch.float64)
+    got = kmeans(points, 3, iterations=1, spherical=spherical, init=init)
+    expected = _lloyd_reference(points, init, 1, spherical)
+    source = torch.nn.functional.normalize(points, dim=1) if spherical else points
+    nearest_to_mean = (source - source.mean(dim=0)).norm(dim=1).argmin()
+    assert not torch.allclose(expected[1:], source[nearest_to_mean].expand(2, 2))
+    assert float(expected[1:].norm(dim=1).min()) > 0.5, "an empty cluster kept a zero centre"
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("spherical", [True, False])
+def test_kmeans_plus_plus_never_draws_a_point_that_is_already_a_centre(spherical):
+    # Four distinct points, five copies each: D(x) = 0 for every copy of a chosen
+    # point (its distance to the nearest centre so far), so k-means++ draws the four
+    # distinct points. Distance to the last centre only, or uniform draws, repeat one.
+    distinct = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.2], [0.3, -1.0]])
+    points = distinct.repeat(5, 1).double()
+    if spherical:
+        points = torch.nn.functional.normalize(points, dim=1)
+    for seed in range(40):
+        generator = torch.Generator().manual_seed(seed)
+        centres = _plus_plus(points, 4, spherical, generator)
+        assert len({tuple(c) for c in centres.tolist()}) == 4, f"seed {seed}: {centres}"
 
 
 @pytest.mark.parametrize("spherical", [True, False])
@@ -158,6 +214,52 @@ def test_sample_descriptors_keeps_at_most_the_budget_from_every_batch():
     assert int(late.sum()) > 20, "the sample ignores the later batches"
 
 
+class _Identity(torch.nn.Module):
+    """A trunk that returns its input, with one parameter (for the device lookup)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class _Positions(torch.nn.Module):
+    """``project`` of ``(B, N, 1)`` tokens: the tokens themselves (each its own id)."""
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_sample_descriptors_is_uniform_over_batches():
+    # 8 batches of 100 descriptors, each descriptor its position in the stream. A
+    # uniform sample of 100 holds 12.5 of each batch in expectation (hypergeometric, sd
+    # 3.1); the mean over 200 seeds has sd 0.22, so [11.5, 13.5] is 4.5 sd wide.
+    # Cutting back to the budget whenever twice the budget was read gave the last
+    # batch 44.
+    loader = [torch.arange(b * 100, (b + 1) * 100).double().view(10, 10, 1) for b in range(8)]
+    per_batch = torch.zeros(8, dtype=torch.float64)
+    for seed in range(200):
+        (sample,) = sample_descriptors(
+            [_Positions()], _Identity(), loader, max_descriptors=100, seed=seed
+        )
+        positions = sample.flatten().long()
+        assert positions.shape == (100,) and len(set(positions.tolist())) == 100
+        assert bool((positions[1:] > positions[:-1]).all()), "not in the loader's order"
+        per_batch += torch.bincount(positions // 100, minlength=8)
+    mean = per_batch / 200
+    assert bool(((mean > 11.5) & (mean < 13.5)).all()), mean.tolist()
+
+
+def test_sample_descriptors_keeps_everything_under_the_budget():
+    loader = [torch.arange(b * 6, (b + 1) * 6).double().view(2, 3, 1) for b in range(3)]
+    (sample,) = sample_descriptors([_Positions()], _Identity(), loader, max_descriptors=18)
+    assert torch.equal(sample.flatten(), torch.arange(18).double())
+    with pytest.raises(ValueError, match="loader yielded no batches"):
+        sample_descriptors([_Positions()], _Identity(), [], max_descriptors=5)
+
+
 def test_an_embedder_without_descriptors_is_refused():
     with pytest.raises(TypeError, match="must provide descriptors"):
         init_from_data(torch.nn.Linear(6, 2), _Trunk(), _loader())
@@ -179,6 +281,21 @@ def test_crt_and_multihead_prototypes_are_kmeans_of_their_projected_features():
         expected = kmeans(features, k, seed=2)
         torch.testing.assert_close(got.detach(), expected)
         torch.testing.assert_close(head.prototypes.detach(), expected)
+
+
+def test_prototype_residual_gets_euclidean_centres_at_the_features_scale():
+    # r_nk = x_n - p_k: the prototypes are points, so they are Euclidean k-means centres
+    # of the projected features (LayerNorm output: norm about sqrt(d)), not unit vectors.
+    torch.manual_seed(0)
+    trunk, loader = _Trunk(), _loader()
+    crt = CRT(6, embedding_size=8, num_prototypes=3, projection_dim=5, residual="prototype")
+    init_from_data(crt, trunk, loader, seed=2)
+    with torch.no_grad():
+        features = torch.cat([crt.project(trunk(x)).flatten(0, 1) for x, _ in loader])
+    expected = kmeans(features, 3, spherical=False, seed=2)
+    torch.testing.assert_close(crt.prototypes.detach(), expected)
+    mean_norm = float(features.norm(dim=1).mean())
+    assert float(crt.prototypes.detach().norm(dim=1).max()) > 0.3 * mean_norm > 0.5
 
 
 def test_set_prototypes_checks_shape_and_values():

@@ -14,6 +14,7 @@ from pytorch_metric_learning.miners import BaseMiner
 
 from ..utils.layout import split_heads
 from ..utils.validation import check_embedding_sizes, check_embeddings, check_number
+from .prototype_regularized_loss import PrototypeRegularizedLoss
 from .similarity_consistency_loss import SimilarityConsistencyLoss
 
 LossSpec = torch.nn.Module | Callable[[int], torch.nn.Module] | Sequence[torch.nn.Module]
@@ -48,6 +49,21 @@ def _reject_class(value: object, name: str, *, factory: bool = False) -> None:
         if factory:
             expected += f" or a factory `lambda embedding_size: {cls}(...)`"
         raise TypeError(f"{name} is the class {cls}, not an instance: pass {expected}")
+
+
+def _reject_prototype_regularized(module: torch.nn.Module, name: str) -> None:
+    """Raise ``ValueError`` if ``module`` holds a :class:`PrototypeRegularizedLoss`.
+
+    A per-head copy of it would copy the model it references, so the term
+    would regularize copies and never reach the live prototypes (and each
+    copy would hold a whole model); shared, it would be added once per head.
+    """
+    if any(isinstance(sub, PrototypeRegularizedLoss) for sub in module.modules()):
+        raise ValueError(
+            f"{name} is (or wraps) a PrototypeRegularizedLoss: as a per-head loss its "
+            "prototype term would not reach the model's prototypes once. Wrap the other way "
+            "round: PrototypeRegularizedLoss(MultiHeadLoss(loss, embedding_sizes), embedder)"
+        )
 
 
 def _holds_references(module: torch.nn.Module) -> bool:
@@ -86,6 +102,9 @@ class MultiHeadLoss(BaseMetricLossFunction):
               instance raises ``ValueError``;
             - a list of distinct loss instances, one per head.
 
+            A :class:`~pml_crt.losses.PrototypeRegularizedLoss` is refused here
+            (``ValueError``): wrap this loss in it instead,
+            ``PrototypeRegularizedLoss(MultiHeadLoss(loss, sizes), embedder)``.
             A loss class (``MultiSimilarityLoss`` rather than
             ``MultiSimilarityLoss()``) raises ``TypeError``: it is callable, but
             as a factory it would receive the embedding size as its first
@@ -235,6 +254,7 @@ class MultiHeadLoss(BaseMetricLossFunction):
         sizes = self.embedding_sizes
         _reject_class(loss, "loss", factory=True)
         if isinstance(loss, torch.nn.Module):
+            _reject_prototype_regularized(loss, "loss")
             if _is_size_dependent(loss):
                 name = type(loss).__name__
                 raise ValueError(
@@ -258,6 +278,7 @@ class MultiHeadLoss(BaseMetricLossFunction):
                     raise TypeError(
                         f"loss[{i}] must be a torch.nn.Module loss, got {type(item).__name__}"
                     )
+                _reject_prototype_regularized(item, f"loss[{i}]")
             for i, item in enumerate(losses):
                 if any(item is other for other in losses[:i]):
                     if _is_size_dependent(item):
@@ -275,6 +296,7 @@ class MultiHeadLoss(BaseMetricLossFunction):
                         f"the loss factory returned {type(item).__name__} for head {i} "
                         f"(embedding_size={size}); it must return a torch.nn.Module loss"
                     )
+                _reject_prototype_regularized(item, f"the loss factory's loss for head {i}")
                 if any(item is other for other in losses):
                     raise ValueError(
                         "the loss factory returned the same instance for two heads; it must "

@@ -1,7 +1,7 @@
 """Embedders that turn a trunk's feature map into one embedding per image."""
 
 from .crt import CRT
-from .fusion import PrototypeWiseLinear, StepScaledLinear
+from .fusion import PrototypeWiseLinear
 from .global_pool_embedder import GlobalPoolEmbedder
 from .multi_head_crt import MultiHeadCRT
 from .netvlad import NetVLAD
@@ -13,7 +13,6 @@ __all__ = [
     "MultiHeadCRT",
     "NetVLAD",
     "PrototypeWiseLinear",
-    "StepScaledLinear",
     "init_from_data",
     "kmeans",
     "sample_descriptors",

@@ -32,7 +32,7 @@ from ..utils.validation import (
     check_positive_int,
     check_tensor,
 )
-from .fusion import PrototypeWiseLinear, StepScaledLinear
+from .fusion import PrototypeWiseLinear
 from .global_pool_embedder import GlobalPoolEmbedder
 from .input_projection import input_projection
 
@@ -75,13 +75,9 @@ def prototype_diversity_penalty(prototypes: torch.Tensor) -> torch.Tensor:
     return prototype_diversity_losses(prototypes).mean()
 
 
-def _fusion(
-    fusion: str, num_prototypes: int, width: int, embedding_size: int, scale_step: bool
-) -> torch.nn.Module:
+def _fusion(fusion: str, num_prototypes: int, width: int, embedding_size: int) -> torch.nn.Module:
     """The fusion module of ``(B, K, d)`` coded residuals (see ``CRT``'s ``fusion``)."""
     if fusion == "flatten":
-        if scale_step:
-            return StepScaledLinear(num_prototypes * width, embedding_size, 1.0 / num_prototypes)
         return torch.nn.Linear(num_prototypes * width, embedding_size)
     if fusion == "sum":
         return torch.nn.Linear(width, embedding_size)
@@ -115,10 +111,11 @@ class CRT(ModuleWithRecords):
             ``projection_dim=0``; state-dict keys ``projection.0.*`` and
             ``projection.1.*``.
         prototypes: the ``(K, d)`` prototype matrix ``P``, a parameter.
-        fuse: the fusion, ``Linear(K*d, D)`` (``"flatten"``; a
-            :class:`~pml_crt.models.fusion.StepScaledLinear` with
-            ``scale_fusion_step``), ``Linear(d, D)`` (``"sum"``) or a
-            :class:`~pml_crt.models.fusion.PrototypeWiseLinear`.
+        fuse: the fusion, ``Linear(K*d, D)`` (``"flatten"``), ``Linear(d, D)``
+            (``"sum"``) or a :class:`~pml_crt.models.fusion.PrototypeWiseLinear`.
+        fusion_lr_scale: the factor :func:`pml_crt.utils.param_groups` applies
+            to the learning rate of :attr:`fuse`: ``1 / K`` with
+            ``scale_fusion_step`` and the ``"flatten"`` fusion, else 1.
         global_branch: with ``global_pooling``, the
             :class:`~pml_crt.models.GlobalPoolEmbedder` added to the fused
             coded residuals; else ``None``.
@@ -143,18 +140,19 @@ class CRT(ModuleWithRecords):
             ``"prototype_wise"`` projects each prototype's coded residual to
             ``D / K`` values with its own ``Linear(d, D/K)`` and concatenates
             (``d * D`` weights instead of ``K * d * D``; ``D`` a multiple of ``K``).
-        scale_fusion_step: with ``fusion="flatten"``, make the fusion a
-            :class:`~pml_crt.models.fusion.StepScaledLinear` with
-            ``step_scale = 1 / K``: the same function and initialisation, but
-            each Adam step moves it as far as a fan-in-``d`` layer's, instead
-            of ``K`` times as far (the ``K * d`` fan-in otherwise makes the
-            head's useful learning rates about ``K`` times lower than the
-            other fusions'). No effect with ``"sum"`` or ``"prototype_wise"``,
-            whose fan-in is already ``d``. Off by default: in our
-            learning-rate sweeps on Omniglot and CUB validation classes it
-            removed the plain fusion's collapse at Adam 1e-3 (Omniglot also
-            at 1e-2) but was worse at 1e-5. Turn it on when the head's learning rate is
-            1e-4 or higher, and keep the plain fusion at 1e-5.
+        scale_fusion_step: with ``fusion="flatten"``, ask for the fusion's
+            learning rate to be ``1 / K`` of the rest of the model's
+            (:attr:`fusion_lr_scale`), so that each Adam step moves it as far
+            as a fan-in-``d`` layer's instead of ``K`` times as far (the
+            ``K * d`` fan-in otherwise makes the head's useful learning rates
+            about ``K`` times lower than the other fusions'). It takes effect
+            through optimizer parameter groups, the PyTorch idiom for a
+            per-layer learning rate: build the optimizer with
+            ``torch.optim.Adam(pml_crt.utils.param_groups(model, lr=...), ...)``;
+            with ``model.parameters()`` it has no effect. Weight decay is
+            untouched (the group keeps the optimizer's ``weight_decay``). No
+            effect with ``"sum"`` or ``"prototype_wise"``, whose fan-in is
+            already ``d``. Off by default.
         global_pooling: ``None``, or ``"avg"``, ``"max"``, ``"gem"``: add a global
             branch, the input pooled and mapped by ``Linear(C, D)`` (a
             :class:`~pml_crt.models.GlobalPoolEmbedder`), to the fused coded
@@ -252,8 +250,9 @@ class CRT(ModuleWithRecords):
         else:
             self.register_buffer("raw_temperature", raw_temperature)
         self.global_pooling = global_pooling
-        self.fuse = _fusion(
-            fusion, num_prototypes, projection_dim, embedding_size, scale_fusion_step
+        self.fuse = _fusion(fusion, num_prototypes, projection_dim, embedding_size)
+        self.fusion_lr_scale = (
+            1.0 / num_prototypes if scale_fusion_step and fusion == "flatten" else 1.0
         )
         self.global_branch = None
         if global_pooling is not None:
@@ -302,6 +301,15 @@ class CRT(ModuleWithRecords):
             )
         check_finite(prototypes, "prototypes")
         self.prototypes.copy_(prototypes)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        # pml-crt 0.1.0 stored a scale_fusion_step fusion as ``fuse.scaled_weight`` and
+        # ``fuse.scaled_bias`` (its Linear's weight and bias times K): load them as a Linear.
+        for name in ("weight", "bias"):
+            scaled = state_dict.pop(f"{prefix}fuse.scaled_{name}", None)
+            if scaled is not None:
+                state_dict[f"{prefix}fuse.{name}"] = scaled / self.num_prototypes
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def temperature(self) -> torch.Tensor:

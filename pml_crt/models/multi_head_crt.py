@@ -32,9 +32,10 @@ class MultiHeadCRT(ModuleWithRecords):
 
     Learning rate: with the default ``"flatten"`` fusion the heads need a
     low Adam rate: 1e-5 on CUB with a pretrained trunk, up to 1e-4 on
-    Omniglot. At 1e-3 and above they fall below a linear head or collapse.
-    ``scale_fusion_step=True`` moves the usable range up, to 1e-4 on CUB and
-    1e-4 to 1e-3 on Omniglot (our sweeps on validation classes, 3 seeds).
+    Omniglot. At 1e-3 and above they fall below a linear head or collapse
+    (our sweeps on validation classes, 3 seeds). ``scale_fusion_step=True``
+    with an optimizer built from :func:`pml_crt.utils.param_groups` gives
+    each head's fusion ``1 / K`` of the learning rate.
 
     Args:
         in_channels: ``C`` of the ``(B, C, H, W)`` or ``(B, N, C)`` input.

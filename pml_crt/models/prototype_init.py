@@ -140,12 +140,44 @@ def _images(batch: object) -> torch.Tensor:
     )
 
 
-def _subsample(pool: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-    """``size`` rows of ``pool`` drawn without replacement, in their order; all if fewer."""
-    if pool.shape[0] <= size:
-        return pool
-    keep = torch.randperm(pool.shape[0], generator=generator)[:size].sort().values
-    return pool[keep]
+class _UniformSample:
+    """A uniform sample without replacement of a stream of rows, in bounded memory.
+
+    Bottom-``k`` sampling: every row seen gets an independent uniform key, and
+    the ``size`` rows with the smallest keys are kept. Any set of ``size`` rows
+    is equally likely to hold the smallest keys, so the sample is exactly
+    uniform whatever the order and sizes of the batches, with at most
+    ``size`` plus one batch of rows in memory.
+    """
+
+    def __init__(self, size: int, generator: torch.Generator) -> None:
+        self.size = size
+        self.generator = generator
+        self.rows: torch.Tensor | None = None  # (M, d), M <= size
+        self.keys = torch.empty(0, dtype=torch.float64)  # (M,)
+        self.positions = torch.empty(0, dtype=torch.long)  # (M,): index in the stream
+        self.seen = 0
+
+    def add(self, rows: torch.Tensor) -> None:
+        """Offer the ``(n, d)`` rows that come next in the stream."""
+        count = rows.shape[0]
+        keys = torch.rand(count, generator=self.generator, dtype=torch.float64)
+        positions = torch.arange(self.seen, self.seen + count)
+        self.seen += count
+        if self.rows is not None:
+            rows = torch.cat([self.rows, rows])
+            keys = torch.cat([self.keys, keys])
+            positions = torch.cat([self.positions, positions])
+        if rows.shape[0] > self.size:
+            keep = keys.topk(self.size, largest=False).indices
+            rows, keys, positions = rows[keep], keys[keep], positions[keep]
+        self.rows, self.keys, self.positions = rows, keys, positions
+
+    def sample(self) -> torch.Tensor:
+        """The ``(M, d)`` sampled rows in stream order, ``M = min(size, rows seen)``."""
+        if self.rows is None:
+            raise ValueError("loader yielded no batches")
+        return self.rows[self.positions.argsort()]
 
 
 @torch.no_grad()
@@ -165,9 +197,12 @@ def sample_descriptors(
         trunk: maps a batch of images to the ``(B, C, H, W)`` map (or ``(B, N, C)``
             tokens) the embedders take.
         loader: yields images ``(B, ...)`` or ``(images, labels)``.
-        max_descriptors: at most this many descriptors per embedder are kept
-            (a uniform sample of the positions seen, drawn with ``seed``, in
-            the loader's order; all of them when there are fewer).
+        max_descriptors: at most this many descriptors per embedder are kept:
+            a uniform sample without replacement of all positions seen (every
+            position equally likely, whatever the batch it came in), drawn
+            with ``seed`` and returned in the loader's order; all of them when
+            there are fewer.
+        seed: seeds the draw (a private generator; the global RNG is untouched).
 
     Returns:
         One ``(M, d)`` tensor per embedder, ``M <= max_descriptors``.
@@ -175,30 +210,19 @@ def sample_descriptors(
     check_positive_int(max_descriptors, "max_descriptors")
     generator = torch.Generator().manual_seed(int(seed))
     device = next(trunk.parameters(), torch.empty(0)).device
-    collected: list[list[torch.Tensor]] = [[] for _ in embedders]
-    counts = [0] * len(embedders)
+    samples = [_UniformSample(max_descriptors, generator) for _ in embedders]
     modes = [module.training for module in (trunk, *embedders)]
     for module in (trunk, *embedders):
         module.eval()
     try:
         for batch in loader:
             features = trunk(_images(batch).to(device))
-            for i, embedder in enumerate(embedders):
-                local = _describe(embedder)(features).flatten(0, 1).cpu()  # (B * N, d)
-                collected[i].append(local)
-                counts[i] += local.shape[0]
-                if counts[i] > 2 * max_descriptors:  # keep memory bounded while reading
-                    collected[i] = [_subsample(torch.cat(collected[i]), max_descriptors, generator)]
-                    counts[i] = max_descriptors
+            for sample, embedder in zip(samples, embedders, strict=True):
+                sample.add(_describe(embedder)(features).flatten(0, 1).cpu())  # (B * N, d)
     finally:
         for module, mode in zip((trunk, *embedders), modes, strict=True):
             module.train(mode)
-    samples = []
-    for parts in collected:
-        if not parts:
-            raise ValueError("loader yielded no batches")
-        samples.append(_subsample(torch.cat(parts), max_descriptors, generator))
-    return samples
+    return [sample.sample() for sample in samples]
 
 
 def _leaf_embedders(embedder: torch.nn.Module) -> list[torch.nn.Module]:
@@ -224,9 +248,18 @@ def _setter(leaf: torch.nn.Module) -> Callable[[torch.Tensor], None] | None:
 
 
 def _clusters(leaf: torch.nn.Module) -> tuple[int, bool]:
-    """``(K, spherical)`` of a leaf: directions unless its descriptors are not normalised."""
+    """``(K, spherical)`` of a leaf.
+
+    Centres are points, found by Euclidean k-means, where the leaf subtracts
+    them from un-normalised descriptors: a CRT with ``residual="prototype"``
+    (``x_n - p_k``) and a NetVLAD with ``normalize_input=False``. Everywhere
+    else only their directions matter, and spherical k-means finds those.
+    """
     k = getattr(leaf, "num_clusters", None) or leaf.num_prototypes
-    return int(k), bool(getattr(leaf, "normalize_input", True))
+    points = getattr(leaf, "residual", None) == "prototype" or not getattr(
+        leaf, "normalize_input", True
+    )
+    return int(k), not points
 
 
 def init_from_data(
@@ -242,9 +275,12 @@ def init_from_data(
 
     Run before training, on training images only. Each head of a
     :class:`~pml_crt.models.MultiHeadCRT` gets its own clustering, with as
-    many centres as it has prototypes. Spherical k-means (cosine), since CRT
-    compares directions and NetVLAD normalises its descriptors by default (a
-    NetVLAD with ``normalize_input=False`` gets Euclidean k-means).
+    many centres as it has prototypes. Spherical k-means (cosine, unit-norm
+    centres) where only the centres' directions matter: CRT's orthogonal
+    residual and NetVLAD's normalised descriptors (the defaults). Euclidean
+    k-means (centres at the mean of their points, with the features' scale)
+    where a centre is subtracted from un-normalised features: a CRT with
+    ``residual="prototype"`` and a NetVLAD with ``normalize_input=False``.
 
     Args:
         embedder: a ``NetVLAD``, ``CRT`` or ``MultiHeadCRT``.

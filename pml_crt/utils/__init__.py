@@ -4,6 +4,8 @@
   the analysis metrics (embedding density, spectral decay);
 - ``distributed``: DDP helpers (rank sharding, all-gather wrappers);
 - ``layout``: tensor layouts (trunk outputs to tokens, splitting heads);
+- ``optim``: :func:`param_groups`, optimizer parameter groups that give a
+  CRT fusion built with ``scale_fusion_step`` its own learning rate;
 - ``validation``: argument and input checks;
 - ``stats``: mean and 95% confidence interval over seeds, for tables of
   results.
@@ -22,6 +24,7 @@ __all__ = [
     "layout",
     "make_accuracy_calculator",
     "make_knn_func",
+    "param_groups",
     "spectral_decay",
     "validation",
 ]
@@ -35,6 +38,7 @@ lazy_package(
         "faiss_available": "accuracy",
         "make_accuracy_calculator": "accuracy",
         "make_knn_func": "accuracy",
+        "param_groups": "optim",
         "spectral_decay": "analysis_metrics",
     },
 )

@@ -9,9 +9,8 @@ device synchronisation); every other check looks at types, shapes and dtypes.
 
 The tensor-layout helpers :func:`~pml_crt.utils.layout.feature_map_to_tokens`
 and :func:`~pml_crt.utils.layout.split_heads` live in
-:mod:`pml_crt.utils.layout`; they are re-exported here, without a warning,
-because the embedders in :mod:`pml_crt.models` import them from this module
-(an internal path).
+:mod:`pml_crt.utils.layout`; they are still resolved here, without a warning,
+for code that imported them from this module before they moved.
 """
 
 from __future__ import annotations
