@@ -66,15 +66,21 @@ class Candidate:
 def grid_cells(
     sweeps: Mapping[str, Path], candidates: Sequence[str], base: str, lrs: Sequence[float]
 ) -> list[Candidate]:
-    """Each candidate's paired MAP@R differences from ``base``, per (dataset, learning rate)."""
+    """Each candidate's paired MAP@R differences from ``base``, per (dataset, learning rate).
+
+    A candidate absent from a later sweep (every learning rate missing: it failed the
+    proviso on an earlier dataset, so it was not run) has no cells there; one absent
+    from the first sweep, or present at only some rates, is an error naming it.
+    """
     cells: dict[str, dict[Cell, tuple[float, float]]] = {name: {} for name in candidates}
-    for dataset, path in sweeps.items():
+    for index, (dataset, path) in enumerate(sweeps.items()):
         table = read_separate_rows(path)
-        pairs = [
-            (f"{c}_{lr_label(lr)}", f"{base}_{lr_label(lr)}") for c in candidates for lr in lrs
+        present = [
+            c for c in candidates if index == 0 or any(f"{c}_{lr_label(lr)}" in table for lr in lrs)
         ]
+        pairs = [(f"{c}_{lr_label(lr)}", f"{base}_{lr_label(lr)}") for c in present for lr in lrs]
         rows = iter(paired_differences(table, pairs=pairs))
-        for name in candidates:
+        for name in present:
             for lr in lrs:
                 cells[name][(dataset, lr)] = next(rows)[MAP_AT_R]
     return [Candidate(name, cells[name]) for name in candidates]
@@ -106,7 +112,7 @@ def markdown(
 ) -> str:
     """The grid table, the rule's reading of each candidate, and the chosen default."""
     chosen, proviso = choose(candidates)
-    columns = list(candidates[0].cells)
+    columns = list(dict.fromkeys(cell for c in candidates for cell in c.cells))
     header = ["candidate"] + [f"{d} {lr:g}" for d, lr in columns]
     header += ["worst cell", "mean", "cells below 0"]
     lines = [
@@ -119,7 +125,9 @@ def markdown(
         (dataset, lr), mean, half = candidate.worst
         below = ", ".join(f"{d} {r:g}" for d, r in candidate.below_zero) or "none"
         name = f"**{candidate.name}**" if candidate is chosen else candidate.name
-        row = [name] + [_cell_text(*candidate.cells[c]) for c in columns]
+        row = [name] + [
+            _cell_text(*candidate.cells[c]) if c in candidate.cells else "not run" for c in columns
+        ]
         row += [f"{_cell_text(mean, half)} ({dataset} {lr:g})", f"{100 * candidate.mean:+.2f}"]
         lines.append("| " + " | ".join(row + [below]) + " |")
     if proviso:
@@ -140,7 +148,8 @@ def markdown(
         "",
         f"Each cell: candidate minus `{base}` at the same learning rate, paired by seed (seeds "
         f"{seeds}), mean ± 95% Student-t CI, percentage points of validation MAP@R. Rows sorted "
-        "by their worst cell. The rule: `benchmarks/results/ablation.md`.",
+        "by their worst cell. Not run: the candidate failed the proviso on an earlier dataset. "
+        "The rule: `benchmarks/results/ablation.md`.",
         "Sources: " + ", ".join(f"`{path}` ({dataset})" for dataset, path in sweeps.items()) + ".",
         f"Produced by `{command}`.",
     ]
@@ -158,13 +167,15 @@ def plot_grid(candidates: Sequence[Candidate], base: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    datasets = list(dict.fromkeys(d for d, _ in candidates[0].cells))
+    datasets = list(dict.fromkeys(d for c in candidates for d, _ in c.cells))
     figure, axes = plt.subplots(
         1, len(datasets), figsize=(5.2 * len(datasets), 4.2), squeeze=False, sharey=True
     )
     for axis, dataset in zip(axes[0], datasets, strict=True):
         for index, candidate in enumerate(candidates):
             cells = sorted((lr, v) for (d, lr), v in candidate.cells.items() if d == dataset)
+            if not cells:
+                continue
             offset = 1.0 + 0.04 * (index - (len(candidates) - 1) / 2)  # keep bars apart
             axis.errorbar(
                 [lr * offset for lr, _ in cells],

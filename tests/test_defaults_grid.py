@@ -95,7 +95,17 @@ def test_without_a_safe_candidate_the_report_says_so(sweeps):
     assert "**No candidate passes the proviso**" in text
 
 
-def test_a_missing_method_is_named(sweeps):
-    paths, _ = sweeps
+def test_a_missing_method_is_named_and_a_later_sweep_may_leave_a_candidate_out(sweeps, tmp_path):
+    paths, values = sweeps
     with pytest.raises(ValueError, match="'nothing_lr1e-05'"):
         defaults_grid.grid_cells(paths, ["nothing"], "linear", LRS)
+    later = {k: v for k, v in values["cub"].items() if k[0] != "risky"}
+    paths = {"omni": paths["omni"], "cub": _write(tmp_path / "later.csv", later)}
+    risky, safe = defaults_grid.grid_cells(paths, ["risky", "safe"], "linear", LRS)
+    assert sorted(risky.cells) == [("omni", 1e-5), ("omni", 1e-3)] and len(safe.cells) == 4
+    text = defaults_grid.markdown([risky, safe], "linear", paths, "cmd")
+    assert text.count("| not run") == 2 and "Not run: the candidate failed" in text
+    partial = {k: v for k, v in later.items() if k != ("safe", 1e-3)}
+    paths["cub"] = _write(tmp_path / "partial.csv", partial)
+    with pytest.raises(ValueError, match="'safe_lr1e-03'"):
+        defaults_grid.grid_cells(paths, ["safe"], "linear", LRS)
