@@ -10,6 +10,7 @@ __all__ = [
     "OmniglotCharacters",
     "ToRGB",
     "cache_dataset",
+    "cars196",
     "cub",
     "download_omniglot",
     "select_classes",
@@ -20,8 +21,9 @@ lazy_package(
     attributes={
         "CachedDataset": "cached",
         "OmniglotCharacters": "omniglot",
-        "ToRGB": "cub",
+        "ToRGB": "pml_dataset",
         "cache_dataset": "cached",
+        "cars196": "cars196",
         "cub": "cub",
         "download_omniglot": "omniglot",
         "select_classes": "class_subset",

@@ -8,21 +8,11 @@ from typing import Any
 
 from PIL import Image
 from pytorch_metric_learning.datasets import CUB
-from torchvision.transforms import Compose
 
-from .class_subset import ClassSubset, select_classes
+from .class_subset import ClassSubset
+from .pml_dataset import ToRGB, pml_dataset
 
-__all__ = ["ToRGB", "cub"]
-
-
-class ToRGB:
-    """Transform: ``PIL.Image -> PIL.Image`` in mode ``"RGB"`` (PML's datasets skip this)."""
-
-    def __call__(self, image: Image.Image) -> Image.Image:
-        return image if image.mode == "RGB" else image.convert("RGB")
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+__all__ = ["ToRGB", "cub"]  # ToRGB: still importable from here, where it was defined before
 
 
 def cub(
@@ -59,23 +49,19 @@ def cub(
         A ``CUB`` dataset whose items are ``(image, label)``; its ``labels``
         attribute is the label list PML's ``MPerClassSampler`` needs and its
         ``class_ids`` attribute gives each label's original CUB class id.
+
+    Raises:
+        FileNotFoundError: without ``download``, when ``root`` lacks
+            ``CUB_200_2011/images.txt``.
     """
-    rgb_transform: Callable[[Image.Image], Any] = (
-        ToRGB() if transform is None else Compose([ToRGB(), transform])
-    )
-    dataset = CUB(
-        root=str(root),
-        split=split,
-        transform=rgb_transform,
-        target_transform=target_transform,
+    return pml_dataset(
+        CUB,
+        root,
+        split,
+        transform,
+        target_transform,
+        relabel=relabel,
+        class_subset=class_subset,
         download=download,
+        required=["CUB_200_2011/images.txt"],
     )
-    all_ids = sorted(set(dataset.labels))
-    keep_ids = [all_ids[i] for i in select_classes(len(all_ids), class_subset)]
-    keep = set(keep_ids)
-    pairs = [(p, y) for p, y in zip(dataset.paths, dataset.labels, strict=True) if y in keep]
-    mapping = {class_id: i for i, class_id in enumerate(keep_ids)} if relabel else None
-    dataset.paths = [p for p, _ in pairs]
-    dataset.labels = [mapping[y] if mapping else y for _, y in pairs]
-    dataset.class_ids = keep_ids
-    return dataset
