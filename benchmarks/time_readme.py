@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from benchmarks.perf.common import cpu_model, load_average
@@ -102,6 +102,11 @@ def _totals(result: dict) -> dict[str, list[float]]:
     }
 
 
+def _loads(per_run: Iterable[list[float]]) -> str:
+    """Each run's load averages as code (``[a, b]`` would read as a Markdown link)."""
+    return " ".join(f"`{loads}`" for loads in per_run)
+
+
 def report(result: dict) -> str:
     """The Markdown report of :func:`main`'s result."""
     runs = result["runs"]
@@ -120,8 +125,8 @@ def report(result: dict) -> str:
         steps = [run["steps"][index] for run in runs]
         lines.append(
             f"| `{step['command']}` | {_minutes([s['seconds'] for s in steps])} | "
-            f"{' '.join(str(s['load_before']) for s in steps)} | "
-            f"{' '.join(str(s['load_after']) for s in steps)} |"
+            f"{_loads(s['load_before'] for s in steps)} | "
+            f"{_loads(s['load_after'] for s in steps)} |"
         )
     totals = _totals(result)
     lines += ["", f"The README's first command in all: {_minutes(totals['command'])}.", ""]

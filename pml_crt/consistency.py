@@ -267,7 +267,7 @@ class SimilarityConsistencyMixin:
         stop_gradient: StopGradient = None,
         include_diagonal: bool = False,
         check_inputs: bool = False,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.embedding_sizes = check_consistency_options(

@@ -1,6 +1,7 @@
-"""The README as a user meets it: its set-up commands and its Python blocks run as written.
+"""The README and the documentation as a user meets them: commands and Python blocks run as written.
 
-The Python blocks run in order, in one namespace, from a working directory
+The Python blocks of the README, then of the documentation pages in
+``DOC_PAGES``, run in order, in one namespace, from a working directory
 that has ``../shared`` beside it as the README assumes, with torchvision's
 weights cache in a temporary ``$TORCH_HOME`` filled as the README says. Two
 things are made smaller, and both are asserted to be present so that the
@@ -22,14 +23,15 @@ import pml_crt.datasets
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+DOC_PAGES = [ROOT / "docs" / "usage.md", ROOT / "docs" / "export.md"]  # continue README's namespace
 SHARED = ROOT.parent / "shared"
 WEIGHTS = SHARED / "weights" / "mobilenet_v2-b0353104.pth"
 CLASSES, IMAGES_PER_CLASS = 8, 4
 EPOCHS = ("trainer.train(num_epochs=10)", "trainer.train(num_epochs=2)")
 
 
-def _blocks(language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```", README.read_text(), flags=re.M | re.S)
+def _blocks(language: str, page: Path = README) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", page.read_text(), flags=re.M | re.S)
 
 
 def test_readme_opens_with_the_two_setup_commands_ci_runs():
@@ -66,9 +68,14 @@ def _small_cub(full_cub):
 )
 def test_readme_python_blocks_run(tmp_path, monkeypatch, capsys):
     blocks = _blocks("python")
-    assert len(blocks) >= 2, "expected the pipeline and the export blocks"
     assert blocks[0].count(EPOCHS[0]) == 1
     blocks[0] = blocks[0].replace(*EPOCHS)
+    sources = [README] * len(blocks)
+    for page in DOC_PAGES:
+        page_blocks = _blocks("python", page)
+        assert page_blocks, f"{page} has no Python block"
+        blocks += page_blocks
+        sources += [page] * len(page_blocks)
 
     checkpoints = tmp_path / "torch_home" / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
@@ -80,8 +87,8 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(pml_crt.datasets, "cub", _small_cub(pml_crt.datasets.cub))
 
     namespace: dict = {"__name__": "__readme__"}
-    for block in blocks:
-        exec(compile(block, str(README), "exec"), namespace)
+    for block, source in zip(blocks, sources, strict=True):
+        exec(compile(block, str(source), "exec"), namespace)
 
     printed = capsys.readouterr().out
     accuracies = namespace["tester"].all_accuracies["test"]
@@ -145,4 +152,32 @@ def test_timing_report_gives_mean_and_ci_over_runs():
     assert "1.6 ± 0.2 min to create the environment and install" in sentence
     assert "1.1 ± 0.2 min for the benchmark" in sentence
     assert "took 2.9 ± 0.2 min" in sentence and "over 3 runs" in sentence
-    assert "| `benchmarks.run` | 1.1 ± 0.2 min | [0.5] [0.5] [0.5] |" in time_readme.report(result)
+    assert "| `benchmarks.run` | 1.1 ± 0.2 min | `[0.5]` `[0.5]` `[0.5]` |" in time_readme.report(
+        result
+    )
+
+
+def test_readme_results_table_is_the_generated_one():
+    from benchmarks import verdicts
+
+    text = README.read_text()
+    assert verdicts.readme_with(text, verdicts.table()) == text, (
+        "run python -m benchmarks.verdicts --write"
+    )
+
+
+@pytest.mark.parametrize(
+    "package", ["models", "losses", "regularizers", "trunks", "datasets", "utils"]
+)
+def test_the_api_reference_documents_every_public_name(package):
+    import importlib
+    import types
+
+    module = importlib.import_module(f"pml_crt.{package}")
+    reference = (ROOT / "docs" / "api" / f"{package}.md").read_text()
+    for name in module.__all__:
+        value = getattr(module, name)
+        path = (
+            value.__name__ if isinstance(value, types.ModuleType) else f"{value.__module__}.{name}"
+        )
+        assert f"::: {path}\n" in reference, f"docs/api/{package}.md lacks ::: {path}"

@@ -73,8 +73,10 @@ def cache_dataset(
             while caching), e.g. ``uint8 -> float`` and normalisation.
         map_batch: applied to each ``(b, ...)`` batch while caching (e.g. the
             frozen blocks of a trunk); the cache holds its outputs.
-        batch_size, num_workers: of the caching ``DataLoader``.
-        desc, progress: the progress bar.
+        batch_size: the caching ``DataLoader``'s batch size.
+        num_workers: the caching ``DataLoader``'s worker processes.
+        desc: the progress bar's label.
+        progress: show the progress bar.
     """
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     chunks: list[torch.Tensor] = []
