@@ -1,9 +1,11 @@
 """Packaging: version, flat subpackages, their public names and what importing them costs."""
 
+import ast
 import importlib
 import importlib.metadata
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -88,33 +90,64 @@ def test_unknown_names_raise_attribute_error():
 
 def test_moved_modules_keep_their_old_import_paths():
     # pml_crt.utils.consistency (public, documented before) is a deprecated alias of
-    # pml_crt.consistency; the layout helpers are plain re-exports of validation
-    # (an internal path the embedders still import from). No logic is copied:
-    # every old name is the very same object.
+    # pml_crt.consistency. No logic is copied: every old name is the very same object.
     printed = _fresh_interpreter(
         "import warnings\n"
         "import pml_crt.consistency as new\n"
-        "from pml_crt.utils import layout, validation\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
         "    warnings.simplefilter('always')\n"
         "    import pml_crt.utils.consistency as old\n"
-        "    validation.feature_map_to_tokens, validation.split_heads\n"
         "print([str(w.message) for w in caught if w.category is DeprecationWarning])\n"
         "print(all(getattr(old, n) is getattr(new, n) for n in old.__all__),"
-        " set(old.__all__) == set(new.__all__),"
-        " validation.feature_map_to_tokens is layout.feature_map_to_tokens,"
-        " validation.split_heads is layout.split_heads)\n"
-        "from pml_crt.utils.validation import feature_map_to_tokens\n"
-        "print(feature_map_to_tokens is layout.feature_map_to_tokens)"
+        " set(old.__all__) == set(new.__all__))\n"
     )
-    warned, same, one = printed.strip().splitlines()
+    warned, same = printed.strip().splitlines()
     assert warned == (
         "['pml_crt.utils.consistency is deprecated: import from pml_crt.consistency']"
     )
-    assert same.split() == ["True"] * 4
-    assert one == "True"
-    with pytest.raises(AttributeError, match="no_such_name"):
-        pml_crt.utils.validation.no_such_name  # noqa: B018
+    assert same.split() == ["True"] * 2
+
+
+def _imports(module: str, path: Path, is_package: bool, modules: set[str]) -> set[str]:
+    """The pml_crt modules that ``module`` imports anywhere (functions included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = module.split(".")[: None if is_package else -1]
+                parts = parts[: len(parts) - (node.level - 1)]
+                base = ".".join(parts + ([base] if base else []))
+            for alias in node.names:
+                submodule = f"{base}.{alias.name}"
+                found.add(submodule if submodule in modules else base)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return (found & modules) - {module}
+
+
+def test_no_import_cycle_between_modules():
+    root = Path(pml_crt.__file__).resolve().parent
+    files = {}
+    for path in root.rglob("*.py"):
+        parts = ["pml_crt", *path.relative_to(root).with_suffix("").parts]
+        is_package = parts[-1] == "__init__"
+        files[".".join(parts[:-1] if is_package else parts)] = (path, is_package)
+    graph = {m: _imports(m, p, pkg, set(files)) for m, (p, pkg) in files.items()}
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            cycle = path[path.index(module) :] + [module]
+            raise AssertionError("import cycle: " + " -> ".join(cycle))
+        if module not in done:
+            for imported in sorted(graph[module]):
+                visit(imported, [*path, module])
+            done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])
+    assert "pml_crt.utils.validation" in graph["pml_crt.utils.layout"]
 
 
 def test_losses_import_the_consistency_term_without_the_deprecated_alias():

@@ -1,7 +1,4 @@
-"""Tensor layouts of pml-crt: trunk outputs to token sequences, heads out of a concatenation.
-
-(They were in :mod:`pml_crt.utils.validation`, which re-exports them.)
-"""
+"""Tensor layouts of pml-crt: trunk outputs to token sequences, heads out of a concatenation."""
 
 from __future__ import annotations
 

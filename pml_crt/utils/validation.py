@@ -7,10 +7,8 @@ wrong answer or a NaN further down.
 Only :func:`check_finite` reads tensor values (one read back to the host, a
 device synchronisation); every other check looks at types, shapes and dtypes.
 
-The tensor-layout helpers :func:`~pml_crt.utils.layout.feature_map_to_tokens`
-and :func:`~pml_crt.utils.layout.split_heads` live in
-:mod:`pml_crt.utils.layout`; they are still resolved here, without a warning,
-for code that imported them from this module before they moved.
+:mod:`pml_crt.utils.layout` builds on these checks; this module imports
+nothing else from pml-crt.
 """
 
 from __future__ import annotations
@@ -173,15 +171,3 @@ def check_embeddings(
     if check_values:
         check_finite(embeddings, name)
     return embeddings
-
-
-_LAYOUT_NAMES = ("feature_map_to_tokens", "split_heads")
-
-
-def __getattr__(name: str) -> object:
-    # Resolved on first access, because layout imports this module's checks.
-    if name in _LAYOUT_NAMES:
-        from . import layout
-
-        return getattr(layout, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
