@@ -130,6 +130,8 @@ DEFAULTS: dict[str, Any] = {
         "sampler": {},  # optuna.samplers.TPESampler keyword arguments
         "pruner": {"name": "median", "kwargs": {"n_startup_trials": 5, "n_warmup_steps": 1}},
         "tuned_from": None,  # set in best.yaml: the name of the config whose search it holds
+        "tuned_methods": None,  # set in best.yaml: the methods it holds the search's best of
+        "untuned_methods": None,  # set in best.yaml: the methods with no search space
     },
 }
 
@@ -146,6 +148,8 @@ _TYPES_OF_NONE_DEFAULTS: dict[tuple[str, ...], type] = {
     ("loss", "consistency"): dict,
     ("embedder", "init_from_data"): dict,
     ("tune", "tuned_from"): str,
+    ("tune", "tuned_methods"): list,
+    ("tune", "untuned_methods"): list,
     ("loss", "head_weights"): list,
     ("miner",): dict,
     ("methods",): dict,

@@ -242,12 +242,28 @@ def table_header(config: Mapping[str, Any], source: Source) -> str:
         header += "; VALIDATION classes only (the test classes were never embedded)"
     tune = config.get("tune") or {}
     if tune.get("tuned_from"):
-        header += (
-            f". Every trained method runs with the best of its {tune['trials']} trials of "
-            f"`python -m benchmarks.tune` on validation classes (seeds {tune['seeds']}, folds "
-            f"{tune['folds']}), the same budget for every method: `{tune['tuned_from']}_tuning.md`"
-        )
+        header += f". {_search_sentence(tune)}"
     return header + ".\n\n"
+
+
+def _search_sentence(tune: Mapping[str, Any]) -> str:
+    """What ``best.yaml`` says of the search behind each method, as one sentence."""
+    search = (
+        f"{tune['trials']} trials of `python -m benchmarks.tune` on validation classes (seeds "
+        f"{tune['seeds']}, folds {tune['folds']}): `{tune['tuned_from']}_tuning.md`"
+    )
+    searched = tune.get("tuned_methods")
+    if searched is None:  # a best.yaml written before it named its methods
+        return f"Every trained method runs with the best of its {search}"
+    untuned = tune.get("untuned_methods") or []
+    names = ", ".join(f"`{m}`" for m in searched)
+    if len(searched) == 1:
+        sentence = f"{names} runs with the best of its {search}"
+    else:
+        sentence = f"{names} run with the best of their {search}, the same budget for each"
+    if untuned:
+        sentence += "; " + ", ".join(f"`{m}`" for m in untuned) + " had no search"
+    return sentence
 
 
 def combine(

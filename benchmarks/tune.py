@@ -576,7 +576,12 @@ def search(
                 _run_workers(config, name, storage, folder, out, budget, workers, bar, opened)
         studies[name] = optuna.load_study(study_name=study_name(config, name), storage=opened)
     best = {name: _best_params(studies[name], spaces[name], budget) for name in studies}
-    report_search(config, studies, spaces, budget, folder, publish, command)
+    report_search(config, names, studies, spaces, budget, folder, publish, command)
+    log(
+        f"{config['name']}: report {folder / (str(config['name']) + '_tuning.md')}, best "
+        f"parameters {folder / 'best.yaml'}; the final runs on the test classes:\n"
+        f"  python -m benchmarks.run --config {folder / 'best.yaml'}"
+    )
     return {"studies": studies, "best": best, "folder": folder}
 
 
@@ -634,16 +639,33 @@ def _best_params(
     return {} if trial is None else decode_params(space, trial.params)
 
 
-def best_config(config: Mapping[str, Any], best: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """``config`` with each method's best parameters, for the final runs on test classes.
+def best_config(
+    config: Mapping[str, Any],
+    best: Mapping[str, Mapping[str, Any]],
+    methods: Sequence[str],
+    budget: int,
+) -> dict[str, Any]:
+    """``config`` with each searched method's best parameters, for the final runs on test classes.
 
-    Every config section a parameter lives in is written out whole, as the
-    method resolved it, so ``best.yaml`` needs no merge rules to be read right.
+    It holds exactly the ``methods`` the search was asked for: those in ``best``
+    (searched, with ``budget`` trials each) and those without a search space
+    (the untrained baselines, which keep their config); ``tune.trials``,
+    ``tune.tuned_methods`` and ``tune.untuned_methods`` say so, for the final
+    table's sentence. Every config section a parameter lives in is written out
+    whole, as the method resolved it, so ``best.yaml`` needs no merge rules.
     """
     tuned = json.loads(json.dumps(config))
     tuned.pop("search_space", None)
     tuned["name"] = f"{config['name']}_tuned"
-    tuned["tune"] = {**tuned["tune"], "tuned_from": str(config["name"])}
+    tuned["tune"] = {
+        **tuned["tune"],
+        "trials": int(budget),
+        "tuned_from": str(config["name"]),
+        "tuned_methods": [name for name in methods if name in best],
+        "untuned_methods": [name for name in methods if name not in best],
+    }
+    if tuned.get("methods"):
+        tuned["methods"] = {name: tuned["methods"][name] for name in methods}
     for partial in (tuned.get("methods") or {}).values():
         (partial or {}).pop("search_space", None)
     for name, params in best.items():
@@ -716,6 +738,7 @@ def _save_plots(
 
 def report_search(
     config: Mapping[str, Any],
+    methods: Sequence[str],
     studies: Mapping[str, optuna.Study],
     spaces: Mapping[str, Mapping[str, Mapping[str, Any]]],
     budget: int,
@@ -723,10 +746,13 @@ def report_search(
     publish: str | Path | None,
     command: str | None = None,
 ) -> str:
-    """Write ``best.yaml``, ``report.md`` and the plots to ``folder`` (and ``publish``)."""
+    """Write ``best.yaml``, ``report.md`` and the plots to ``folder`` (and ``publish``).
+
+    ``methods``: every method the search was asked for, ``studies`` those with a search.
+    """
     name = str(config["name"])
     best = {m: _best_params(study, spaces[m], budget) for m, study in studies.items()}
-    tuned = best_config(config, best)
+    tuned = best_config(config, best, methods, budget)
     header = f"# best parameters of {name} on validation classes (benchmarks/tune.py)\n"
     write_atomic(folder / "best.yaml", header + yaml.safe_dump(tuned, sort_keys=False))
     tune = config["tune"]

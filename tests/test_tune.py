@@ -196,7 +196,7 @@ def test_best_yaml_is_a_config_the_runner_takes(tmp_path):
         "global_pool": {"optimizers.default.kwargs.lr": 0.004, "embedder.kwargs.pooling": "gem"}
     }
     path = tmp_path / "best.yaml"
-    path.write_text(yaml.safe_dump(tune.best_config(config, best)))
+    path.write_text(yaml.safe_dump(tune.best_config(config, best, ["global_pool"], TRIALS)))
     tuned = load_config(path)
     assert tuned["name"] == "tiny_tune_tuned" and tuned["search_space"] is None
     method = method_config(tuned, "global_pool")
@@ -211,10 +211,69 @@ def test_best_yaml_is_a_config_the_runner_takes(tmp_path):
     assert tuned["tune"]["tuned_from"] == "tiny_tune"
     header = table_header(tuned, SimpleNamespace(num_classes=16, labels=[0] * 320))
     assert (
-        f"the best of its {TRIALS} trials of `python -m benchmarks.tune` on validation classes "
-        "(seeds [0], folds [0]), the same budget for every method: `tiny_tune_tuning.md`"
+        f"`global_pool` runs with the best of its {TRIALS} trials of `python -m benchmarks.tune` "
+        "on validation classes (seeds [0], folds [0]): `tiny_tune_tuning.md`"
     ) in header
     assert "benchmarks.tune" not in table_header(config, SimpleNamespace(num_classes=16, labels=[]))
+
+
+def test_best_yaml_holds_what_was_searched_and_the_table_says_so(tmp_path):
+    # tune --methods a b frozen --trials 2 on a config of four methods: best.yaml keeps
+    # a and b (searched, 2 trials) and frozen (no search space), and drops the others.
+    methods = {
+        name: {"embedder": {"type": "GlobalPoolEmbedder", "kwargs": {"embedding_size": 32}}}
+        for name in ("a", "b", "c")
+    }
+    methods["frozen"] = {"embedder": {"type": "frozen"}, "search_space": None}
+    config = load_config(data={**TINY, "methods": methods})
+    best = {"a": {"optimizers.default.kwargs.lr": 0.004}, "b": {}}
+    tuned = tune.best_config(config, best, ["a", "b", "frozen"], 2)
+    path = tmp_path / "best.yaml"
+    path.write_text(yaml.safe_dump(tuned))
+    tuned = load_config(path)
+    assert list(tuned["methods"]) == ["a", "b", "frozen"]
+    assert tuned["tune"]["trials"] == 2 and TINY["tune"]["trials"] == TRIALS != 2
+    assert tuned["tune"]["tuned_methods"] == ["a", "b"]
+    assert tuned["tune"]["untuned_methods"] == ["frozen"]
+    header = table_header(tuned, SimpleNamespace(num_classes=16, labels=[0] * 320))
+    assert (
+        "`a`, `b` run with the best of their 2 trials of `python -m benchmarks.tune` on "
+        "validation classes (seeds [0], folds [0]): `tiny_tune_tuning.md`, the same budget for "
+        "each; `frozen` had no search."
+    ) in header
+    assert "10 trials" not in header and "every method" not in header
+
+
+@needs_omniglot
+@pytest.mark.slow
+def test_a_narrowed_search_then_run_publishes_a_true_budget_sentence(tmp_path):
+    from benchmarks import run as run_command
+
+    methods = {
+        "a": TINY["methods"]["global_pool"],
+        "b": {"embedder": {"type": "GlobalPoolEmbedder", "kwargs": {"embedding_size": 16}}},
+        "frozen": {"embedder": {"type": "frozen"}, "search_space": None},
+    }
+    config = load_config(data={**TINY, "methods": methods})
+    logged = []
+    result = tune.search(
+        config, tmp_path / "runs", methods=["a", "frozen"], trials=2, progress=False,
+        log=logged.append,
+    )  # fmt: skip
+    best = result["folder"] / "best.yaml"
+    assert logged[-1].endswith(
+        f"the final runs on the test classes:\n  {run_command.cli_command(['--config', str(best)])}"
+    )
+    run_command.main(
+        ["--config", str(best), "--out", str(tmp_path / "runs"), "--no-progress",
+         "--publish", str(tmp_path / "published")]
+    )  # fmt: skip
+    table = (tmp_path / "published" / "tiny_tune_tuned.md").read_text()
+    assert (
+        "`a` runs with the best of its 2 trials of `python -m benchmarks.tune` on validation "
+        "classes (seeds [0], folds [0]): `tiny_tune_tuning.md`; `frozen` had no search."
+    ) in table
+    assert "| a |" in table and "| frozen |" in table and "| b |" not in table
 
 
 def test_trials_below_the_median_are_pruned_and_not_rerun(tmp_path):
