@@ -33,6 +33,7 @@ __all__ = [
     "build_optimizers",
     "build_trunk",
     "install_weights",
+    "check_arguments",
     "is_frozen_method",
     "trunk_is_cacheable",
 ]
@@ -104,6 +105,79 @@ def _accepts(cls: type, argument: str) -> bool:
         ):
             return False
     return False
+
+
+def _parameter_names(cls: type) -> set[str]:
+    """The keyword arguments ``cls(...)`` takes, following ``**kwargs`` up the MRO."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        parameters = inspect.signature(init).parameters.values()
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        names |= {p.name for p in parameters if p.kind in kinds and p.name != "self"}
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            break
+    return names
+
+
+def _check_kwargs(kwargs: Mapping[str, Any] | None, classes: tuple[type, ...], where: str) -> None:
+    """Raise ``ConfigError`` for the first key of ``kwargs`` that none of ``classes`` takes."""
+    for key in kwargs or {}:
+        if not any(_accepts(cls, key) for cls in classes):
+            takes = sorted(set().union(*(_parameter_names(cls) for cls in classes)))
+            raise ConfigError(
+                f"{where}.{key}: {classes[0].__name__} takes no argument {key!r} "
+                f"(it takes {', '.join(takes)})"
+            )
+
+
+def check_arguments(config: Mapping[str, Any]) -> None:
+    """Check every ``kwargs`` of one method's config against its class's signature.
+
+    The embedder's (a ``MultiHeadCRT`` passes what it does not take to every
+    ``CRT`` head), the loss's (less the ``{name, kwargs}`` objects and the
+    prototype-regularizer keys, which are checked as their own classes), the
+    miner's, the small convnet trunk's and every optimizer's. A typo is a one-line
+    ``ConfigError`` before anything is built or trained.
+    """
+    embedder = config["embedder"]
+    kind = embedder["type"]
+    if kind != FROZEN and kind not in EMBEDDERS:
+        raise ConfigError(f"embedder.type must be one of {[*EMBEDDERS, FROZEN]}, got {kind!r}")
+    cls = GlobalPoolEmbedder if kind == FROZEN else EMBEDDERS[kind]
+    _check_kwargs(
+        embedder.get("kwargs"), (cls, CRT) if cls is MultiHeadCRT else (cls,), "embedder.kwargs"
+    )
+    loss_kwargs = dict(config["loss"].get("kwargs") or {})
+    loss_cls = _lookup(config["loss"]["name"], (losses, pml_crt.losses), "loss")
+    for key, modules in _OBJECT_KWARGS.items():
+        spec = (
+            loss_kwargs.pop(key, None)
+            if key not in ("distance", "reducer")
+            else loss_kwargs.get(key)
+        )
+        if isinstance(spec, Mapping) and "name" in spec:
+            _check_kwargs(
+                spec.get("kwargs"),
+                (_lookup(spec["name"], modules, key),),
+                f"loss.kwargs.{key}.kwargs",
+            )
+    for key in _PROTOTYPE_KWARGS:
+        loss_kwargs.pop(key, None)
+    _check_kwargs(loss_kwargs, (loss_cls,), "loss.kwargs")
+    miner = config.get("miner")
+    if isinstance(miner, Mapping) and "name" in miner:
+        _check_kwargs(
+            miner.get("kwargs"), (_lookup(miner["name"], (miners,), "miner"),), "miner.kwargs"
+        )
+    if config["trunk"]["name"] == "small_convnet":
+        _check_kwargs(config["trunk"].get("kwargs"), (SmallConvNet,), "trunk.kwargs")
+    for key, spec in (config.get("optimizers") or {}).items():
+        if isinstance(spec, Mapping) and "name" in spec:
+            optimizer = _lookup(spec["name"], (torch.optim,), "optimizer")
+            _check_kwargs(spec.get("kwargs"), (optimizer,), f"optimizers.{key}.kwargs")
 
 
 def _argument(cls: type, name: str, kwargs: Mapping[str, Any]) -> Any:

@@ -51,6 +51,7 @@ from .build import is_frozen_method
 from .config import ConfigError, UserError, load_config, method_config, method_names
 from .layout import CACHE, RESULTS, Log, unit_dir, unit_folds
 from .pipeline import DataPipeline
+from .preflight import check_methods
 from .results import combine, publish_results, table_header, write_results
 from .resume import check_previous
 from .unit import report_split, run_unit
@@ -473,11 +474,12 @@ def _run_units(
     root = Path(out) / str(config["name"])
     names = select_methods(config, methods)
     folds = _check_folds(config)
-    if launch.is_main:
-        root.mkdir(parents=True, exist_ok=True)
     hub_dir = Path(config["trunk"].get("hub_dir") or Path(out) / ".torch_hub")
     data = DataPipeline(config["dataset"], log=log, progress=progress, store=Path(out) / CACHE)
     source = data.source  # a missing dataset fails here, before any unit
+    check_methods(config, names, source.num_classes, folds)  # before any folder is made
+    if launch.is_main:
+        root.mkdir(parents=True, exist_ok=True)
     run = _Run(config, root, data, device, hub_dir, log, launch)
     run_count, skipped = _run_all(run, names, folds, workers, progress)
     if not launch.is_main:

@@ -66,9 +66,12 @@ import yaml
 from optuna.trial import TrialState
 
 from benchmarks import run
+from benchmarks.build import check_arguments
 from benchmarks.config import ConfigError, UserError, apply_override, load_config, method_config
+from benchmarks.data import load_source
 from benchmarks.layout import CACHE, RESULTS, write_atomic
 from benchmarks.pipeline import DataPipeline
+from benchmarks.preflight import check_methods
 from benchmarks.provenance import environment
 from benchmarks.resume import check_previous
 from benchmarks.unit import run_unit
@@ -79,6 +82,7 @@ __all__ = [
     "SearchSpaceError",
     "apply_params",
     "best_config",
+    "check_search",
     "best_trial",
     "counted_trials",
     "decode_params",
@@ -216,6 +220,31 @@ def trial_config(method: Mapping[str, Any], params: Mapping[str, Any]) -> dict[s
     config["eval"]["split"] = "val"  # the test classes are never embedded
     config["eval"]["save_embeddings"] = False
     return config
+
+
+def _a_value(entry: Mapping[str, Any]) -> Any:
+    """One value of a search-space entry: its first choice, or its lower bound."""
+    return entry["choices"][0] if entry["type"] == "categorical" else entry["low"]
+
+
+def check_search(
+    config: Mapping[str, Any], names: Sequence[str], spaces: Mapping[str, Mapping[str, Any]]
+) -> None:
+    """Everything :func:`search` can check before its first trial (a ``UserError`` if not).
+
+    The data root, each method's arguments and batch (:func:`~benchmarks.preflight.check_methods`
+    on the tuning folds), and every search-space key with a value of its space put in, so
+    that a key the method's class does not take is named before any trial.
+    """
+    source = load_source(config["dataset"])
+    check_methods(config, names, source.num_classes, config["tune"]["folds"])
+    for name in names:
+        for key, entry in spaces[name].items():
+            method = apply_params(method_config(config, name), {key: _a_value(entry)})
+            try:
+                check_arguments(method)
+            except ConfigError as error:
+                raise SearchSpaceError(f"{name}: search_space key {key!r}: {error}") from None
 
 
 def study_name(config: Mapping[str, Any], method: str) -> str:
@@ -539,6 +568,7 @@ def search(
     if workers < 1:
         raise UserError(f"--workers must be a positive integer, got {workers}")
     spaces = {name: search_space(method_config(config, name)) for name in names}
+    check_search(config, names, spaces)
     folder = out / str(config["name"]) / "tune"
     folder.mkdir(parents=True, exist_ok=True)
     storage = storage or str(folder / JOURNAL)

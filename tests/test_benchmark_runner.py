@@ -990,6 +990,14 @@ def _user_errors(tmp_path: Path) -> dict[str, tuple[list[str], list[str]]]:
         ),
         "unknown method": (quick + ["--methods", "nope"], ["--methods", "'nope'"]),
         "no workers": (quick + ["--workers", "0"], ["--workers", "0"]),
+        "batch larger than the classes allow": (
+            quick + ["--set", "training.batch_size=4000"],
+            ["training.batch_size=4000", "m * (number of train classes"],
+        ),
+        "typo in embedder kwargs": (
+            quick + ["--set", "methods.global_pool.embedder.kwargs.embeding_size=8"],
+            ["embedder.kwargs.embeding_size", "GlobalPoolEmbedder takes no argument"],
+        ),
     }
 
 
@@ -1007,6 +1015,7 @@ def test_user_errors_are_one_line(tmp_path, capsys):
         assert stopped.value.code == 2, case
         _assert_one_error_line(case, err, names)
         assert "[1/" not in out, (case, out)  # found before any unit started
+        assert list(tmp_path.iterdir()) == [], (case, "a user error left files behind")
 
 
 def test_user_errors_exit_2_without_traceback_from_the_command_line(tmp_path):

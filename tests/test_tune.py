@@ -15,12 +15,14 @@ Every process pins one thread (``threads: 1``): results depend on the thread cou
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
 import statistics
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import optuna
 import pytest
@@ -274,6 +276,48 @@ def test_a_narrowed_search_then_run_publishes_a_true_budget_sentence(tmp_path):
         "classes (seeds [0], folds [0]): `tiny_tune_tuning.md`; `frozen` had no search."
     ) in table
     assert "| a |" in table and "| frozen |" in table and "| b |" not in table
+
+
+def _tune_user_errors(tmp_path: Path) -> dict[str, tuple[dict[str, Any], list[str]]]:
+    """Configs with a user error that tune must name before any trial."""
+    typo_space = copy.deepcopy(TINY)
+    typo_space["methods"]["global_pool"]["search_space"]["embedder.kwargs.gemp"] = {
+        "type": "float", "low": 1.5, "high": 6.0,
+    }  # fmt: skip
+    typo_kwargs = copy.deepcopy(TINY)
+    typo_kwargs["methods"]["global_pool"]["embedder"]["kwargs"]["embeding_size"] = 8
+    return {
+        "missing data root": (
+            {**TINY, "dataset": {**TINY["dataset"], "root": str(tmp_path / "absent")}},
+            ["dataset.root", str(tmp_path / "absent")],
+        ),
+        "batch larger than the classes allow": (
+            {**TINY, "training": {**TINY["training"], "batch_size": 400}},
+            ["training.batch_size=400", "m * (number of train classes"],
+        ),
+        "typo in a search-space key": (
+            typo_space,
+            ["global_pool: search_space key 'embedder.kwargs.gemp'", "takes no argument 'gemp'"],
+        ),
+        "typo in embedder kwargs": (typo_kwargs, ["embedder.kwargs.embeding_size"]),
+    }
+
+
+@needs_omniglot
+def test_user_errors_are_one_line_before_any_trial(tmp_path, capsys):
+    for case, (data, names) in _tune_user_errors(tmp_path).items():
+        folder = tmp_path / case.replace(" ", "_")
+        folder.mkdir()
+        path = folder / "config.yaml"
+        path.write_text(yaml.safe_dump(data))
+        with pytest.raises(SystemExit) as stopped:
+            tune.main(["--config", str(path), "--out", str(folder / "runs"), "--no-progress"])
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2, case
+        assert "Traceback" not in err and len(err.splitlines()) == 1, (case, err)
+        assert err.startswith("benchmarks.tune: error: "), (case, err)
+        assert all(name in err for name in names), (case, err)
+        assert list(folder.iterdir()) == [path], (case, "a user error left files behind")
 
 
 def test_trials_below_the_median_are_pruned_and_not_rerun(tmp_path):

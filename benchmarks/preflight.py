@@ -1,0 +1,38 @@
+"""What can be checked before the first unit or trial, so that a user error costs nothing.
+
+``benchmarks.run`` and ``benchmarks.tune`` call :func:`check_methods` after loading the
+config and the data listing and before they create a folder: a typo in a ``kwargs`` or
+a batch size the classes cannot fill is then one line (exit 2), with no run folder, no
+trial and no traceback left behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .build import check_arguments
+from .config import method_config
+from .splits import mlrc_split
+from .unit import check_batch
+
+__all__ = ["check_methods"]
+
+
+def check_methods(
+    config: Mapping[str, Any], names: Sequence[str], num_classes: int, folds: Sequence[int]
+) -> None:
+    """Check each method's arguments and its batch against every fold's training classes.
+
+    Args:
+        config: the whole config.
+        names: the methods that will run.
+        num_classes: classes of the dataset (train+val and test halves together).
+        folds: the folds that will train.
+    """
+    for name in names:
+        method = method_config(config, name)
+        check_arguments(method)
+        for fold in folds:
+            split = mlrc_split(num_classes, int(fold), int(config["num_folds"]))
+            check_batch("train", len(split.train), method)
