@@ -83,6 +83,7 @@ __all__ = [
     "apply_params",
     "best_config",
     "check_search",
+    "check_storage_url",
     "best_trial",
     "counted_trials",
     "decode_params",
@@ -249,6 +250,53 @@ def check_search(
 
 def study_name(config: Mapping[str, Any], method: str) -> str:
     return f"{config['name']}/{method}"
+
+
+def check_storage_url(storage: str) -> None:
+    """Raise a one-line ``UserError`` unless the RDB URL ``storage`` can be used now.
+
+    Its database driver must be installed (SQLAlchemy maps a bare ``postgresql://`` to
+    psycopg 3, which pml-crt does not install; ``postgresql+psycopg2://`` uses the
+    ``psycopg2-binary`` of the ``test`` extra) and its server must answer.
+    """
+    import sqlalchemy
+
+    try:
+        url = sqlalchemy.engine.make_url(storage)
+        dialect = url.get_dialect()
+    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError) as error:
+        scheme = storage.split("://")[0]
+        raise UserError(
+            f"--storage {scheme}://...: not a database URL SQLAlchemy knows ({error})"
+        ) from None
+    shown = url.render_as_string(hide_password=True)
+    try:
+        dialect.import_dbapi()
+    except ImportError as error:
+        fix = (
+            "use postgresql+psycopg2://... (pip install psycopg2-binary)"
+            if url.get_backend_name() == "postgresql"
+            else f"install the driver for {url.drivername}"
+        )
+        raise UserError(
+            f"--storage {shown}: its database driver is not installed ({error}); {fix}"
+        ) from None
+    engine = sqlalchemy.create_engine(url, connect_args=_connect_timeout(url))
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.DBAPIError as error:
+        reason = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
+        raise UserError(
+            f"--storage {shown}: cannot connect ({reason}); start the server or fix the URL"
+        ) from None
+    finally:
+        engine.dispose()
+
+
+def _connect_timeout(url: Any) -> dict[str, Any]:
+    """A short connection timeout, for the drivers that take one."""
+    return {"connect_timeout": 10} if url.get_backend_name() == "postgresql" else {}
 
 
 def open_storage(storage: str) -> optuna.storages.BaseStorage:
@@ -569,6 +617,8 @@ def search(
         raise UserError(f"--workers must be a positive integer, got {workers}")
     spaces = {name: search_space(method_config(config, name)) for name in names}
     check_search(config, names, spaces)
+    if storage is not None and "://" in storage:
+        check_storage_url(storage)
     folder = out / str(config["name"]) / "tune"
     folder.mkdir(parents=True, exist_ok=True)
     storage = storage or str(folder / JOURNAL)

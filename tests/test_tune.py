@@ -278,7 +278,9 @@ def test_a_narrowed_search_then_run_publishes_a_true_budget_sentence(tmp_path):
     assert "| a |" in table and "| frozen |" in table and "| b |" not in table
 
 
-def _tune_user_errors(tmp_path: Path) -> dict[str, tuple[dict[str, Any], list[str]]]:
+def _tune_user_errors(
+    tmp_path: Path,
+) -> dict[str, tuple[dict[str, Any], list[str], list[str]]]:
     """Configs with a user error that tune must name before any trial."""
     typo_space = copy.deepcopy(TINY)
     typo_space["methods"]["global_pool"]["search_space"]["embedder.kwargs.gemp"] = {
@@ -289,34 +291,49 @@ def _tune_user_errors(tmp_path: Path) -> dict[str, tuple[dict[str, Any], list[st
     return {
         "missing data root": (
             {**TINY, "dataset": {**TINY["dataset"], "root": str(tmp_path / "absent")}},
+            [],
             ["dataset.root", str(tmp_path / "absent")],
         ),
         "batch larger than the classes allow": (
             {**TINY, "training": {**TINY["training"], "batch_size": 400}},
+            [],
             ["training.batch_size=400", "m * (number of train classes"],
         ),
         "typo in a search-space key": (
             typo_space,
+            [],
             ["global_pool: search_space key 'embedder.kwargs.gemp'", "takes no argument 'gemp'"],
         ),
-        "typo in embedder kwargs": (typo_kwargs, ["embedder.kwargs.embeding_size"]),
+        "typo in embedder kwargs": (typo_kwargs, [], ["embedder.kwargs.embeding_size"]),
+        "storage without its driver": (
+            TINY,
+            ["--storage", "postgresql://user:secret@localhost:1/optuna"],
+            ["driver is not installed", "postgresql+psycopg2://", "user:***@"],
+        ),
+        "storage server not there": (
+            TINY,
+            ["--storage", "postgresql+psycopg2://user:secret@localhost:1/optuna"],
+            ["cannot connect", "Connection refused", "user:***@localhost:1"],
+        ),
     }
 
 
 @needs_omniglot
 def test_user_errors_are_one_line_before_any_trial(tmp_path, capsys):
-    for case, (data, names) in _tune_user_errors(tmp_path).items():
+    for case, (data, extra, names) in _tune_user_errors(tmp_path).items():
         folder = tmp_path / case.replace(" ", "_")
         folder.mkdir()
         path = folder / "config.yaml"
         path.write_text(yaml.safe_dump(data))
         with pytest.raises(SystemExit) as stopped:
-            tune.main(["--config", str(path), "--out", str(folder / "runs"), "--no-progress"])
+            tune.main(
+                ["--config", str(path), "--out", str(folder / "runs"), "--no-progress", *extra]
+            )
         err = capsys.readouterr().err
         assert stopped.value.code == 2, case
         assert "Traceback" not in err and len(err.splitlines()) == 1, (case, err)
         assert err.startswith("benchmarks.tune: error: "), (case, err)
-        assert all(name in err for name in names), (case, err)
+        assert all(name in err for name in names) and "secret" not in err, (case, err)
         assert list(folder.iterdir()) == [path], (case, "a user error left files behind")
 
 
