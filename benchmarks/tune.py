@@ -910,9 +910,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def quiet_optuna() -> None:
-    """Optuna's log at WARNING and no warning per logged loss tensor: a command line's setting."""
+    """Optuna's log at ERROR and no warning per logged loss tensor: a command line's setting.
+
+    Optuna logs a failed trial (Ctrl-C, a user error) as a WARNING with its traceback
+    before it re-raises; the command line then says it in one line, and a bug's own
+    traceback still propagates.
+    """
     run.hide_trainer_warning()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:

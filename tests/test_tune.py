@@ -337,6 +337,24 @@ def test_user_errors_are_one_line_before_any_trial(tmp_path, capsys):
         assert list(folder.iterdir()) == [path], (case, "a user error left files behind")
 
 
+@needs_omniglot
+def test_ctrl_c_in_a_trial_is_the_resume_hint_alone(tmp_path):
+    # A real process, interrupted while its first trial trains: Optuna must not log the
+    # failed trial with its traceback before the command's own two lines.
+    argv = ["--config", str(_config_file(tmp_path)), "--out", str(tmp_path), "--no-progress"]
+    process = _start(argv, "benchmarks.tune")
+    try:
+        _wait_for_marker(process, tmp_path / TRIAL_FOLDERS / "trial0000" / "seed0" / "fold0", 180)
+        process.send_signal(signal.SIGINT)
+        err = process.communicate(timeout=120)[1].decode()
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 130, err
+    assert err.startswith("benchmarks.tune: interrupted; finished trials are kept"), err
+    assert len(err.splitlines()) == 2 and "Traceback" not in err and "failed" not in err, err
+
+
 def test_trials_below_the_median_are_pruned_and_not_rerun(tmp_path):
     """A stub unit whose validation curve is set by the learning rate: MedianPruner's rule."""
     space = {"optimizers.default.kwargs.lr": {"type": "float", "low": 0.0, "high": 1.0}}
