@@ -305,7 +305,7 @@ def _check_schema(
         if key not in reference:
             close = difflib.get_close_matches(str(key), [str(k) for k in reference], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown config key {where}{key!r}{hint}")
+            raise ConfigError(f"unknown config key {where}{key}{hint}")
         default, keys = reference[key], (*path, key)
         _check_type(f"{where}{key}", value, default, keys)
         if isinstance(default, dict) and isinstance(value, Mapping) and key not in _FREE_FORM:
@@ -323,8 +323,7 @@ def _check_type(name: str, value: Any, default: Any, keys: tuple[str, ...]) -> N
         return
     wanted = _type_name(expected) if item is None else f"a list of {_type_name(item)}"
     wanted += " or null" if nullable else ""
-    like = "" if default is None or expected is dict else f" like the default {default!r}"
-    raise ConfigError(f"{name}: expected {wanted}{like}, got {value!r} ({_type_name(type(value))})")
+    raise ConfigError(f"{name}: expected {wanted}, got {value!r} ({_type_name(type(value))})")
 
 
 def _type_name(kind: type) -> str:

@@ -218,7 +218,7 @@ def test_load_config_methods_and_checks():
     assert cub["dataset"]["max_classes"] is None and cub["training"]["keep_checkpoints"] == "best"
     with pytest.raises(ValueError, match="did you mean 'training'"):
         load_config(CONFIGS / "omniglot_quick.yaml", ["trainng.batch_size=3"])
-    with pytest.raises(ValueError, match="unknown config key images.'resise'"):
+    with pytest.raises(ValueError, match="unknown config key images.resise "):
         load_config(CONFIGS / "omniglot_quick.yaml", ["images.resise=3"])
     with pytest.raises(ValueError, match="shares the protocol"):
         load_config(CONFIGS / "omniglot_quick.yaml", ["methods.frozen.seeds=[1]"])
@@ -237,8 +237,8 @@ def _none_defaults(section: dict, path: tuple[str, ...] = ()):
 def test_values_are_checked_against_the_defaults_types():
     quick = CONFIGS / "omniglot_quick.yaml"
     bad = {
-        "training.num_epochs=two": "training.num_epochs: expected int like the default 10, "
-        "got 'two' (str)",
+        # not "like the default 10": the config's own value may differ from the built-in one
+        "training.num_epochs=two": "training.num_epochs: expected int, got 'two' (str)",
         "training.num_epochs=2.5": "expected int",
         "cache.images=1": "cache.images: expected bool",
         "seeds=[0, one]": "seeds: expected a list of int",
@@ -979,7 +979,7 @@ def _user_errors(tmp_path: Path) -> dict[str, tuple[list[str], list[str]]]:
             ["--config", str(tmp_path / "absent.yaml"), "--out", str(tmp_path)],
             ["config file", "absent.yaml"],
         ),
-        "unknown key": (quick + ["--set", "trainng.m=4"], ["unknown config key 'trainng'"]),
+        "unknown key": (quick + ["--set", "trainng.m=4"], ["unknown config key trainng "]),
         "bad value": (
             quick + ["--set", "training.num_epochs=two"],
             ["training.num_epochs", "'two'", "int"],
