@@ -26,6 +26,11 @@ Methods pair by name: ``<loss>_linear`` (MLRC's embedder, average pooling + Line
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # --help and option errors answer before torch and Optuna load
+    from benchmarks.cli import mlrc_table_parser as _parser
+
+    _parser().parse_args()
+
 import argparse
 import json
 import math
@@ -44,6 +49,7 @@ from pml_crt.utils.stats import format_mean_ci, mean_ci95
 
 from . import run, tune
 from .ablation_report import paired_differences, seed_table, verdict
+from .cli import mlrc_table_parser
 from .config import ConfigError, load_config, method_names
 from .layout import write_atomic
 from .provenance import environment, unit_seconds
@@ -453,9 +459,16 @@ def build_table(
     publish: Path | None = None,
     command: str | None = None,
     log: Callable[[str], None] = print,
+    methods: Sequence[str] | None = None,
+    trials: int | None = None,
 ) -> str:
-    """Tune, run the best configurations, write ``<name>_mlrc.md`` and its plot; return the text."""
-    names = method_names(config)
+    """Tune, run the best configurations, write ``<name>_mlrc.md`` and its plot; return the text.
+
+    ``methods`` and ``trials`` narrow the table (a try in minutes): only those methods,
+    with that many trials each instead of ``tune.trials``.
+    """
+    names = run.select_methods(config, methods) if methods else method_names(config)
+    budget = int(trials if trials is not None else config["tune"]["trials"])
     groups = loss_rows(names)
     clock = WallClock(out / str(config["name"]) / "mlrc_wall.json")
     command = command or "benchmarks.mlrc_table.build_table(...) from Python"
@@ -463,6 +476,8 @@ def build_table(
         searched = tune.search(
             config,
             out,
+            methods=names,
+            trials=budget,
             workers=workers,
             progress=progress,
             publish=publish,
@@ -480,10 +495,9 @@ def build_table(
             command=command,
             workers=workers,
         )
-    budgets = method_budgets(
-        searched["studies"], int(config["tune"]["trials"]), Path(result["root"]), names
-    )
-    text = mlrc_markdown(config, result["rows"], budgets, clock.totals(), command, tuned["name"])
+    budgets = method_budgets(searched["studies"], budget, Path(result["root"]), names)
+    spent = {**config, "tune": {**config["tune"], "trials": budget}}  # what the search spent
+    text = mlrc_markdown(spent, result["rows"], budgets, clock.totals(), command, tuned["name"])
     folder = out / str(config["name"])
     for target in [folder, *([publish] if publish is not None else [])]:
         target.mkdir(parents=True, exist_ok=True)
@@ -494,21 +508,7 @@ def build_table(
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.mlrc_table", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--config", required=True, help="a config of <loss>_linear/_crt methods")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="local processes per study, then sharing the final units",
-    )
-    parser.add_argument("--out", type=Path, default=Path("runs"), help="run folder root")
-    parser.add_argument("--publish", type=Path, default=None, help="also write the reports here")
-    parser.add_argument("--no-progress", action="store_true", help="hide every progress bar")
-    return parser.parse_args(argv)
+    return mlrc_table_parser().parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> str | None:
@@ -529,6 +529,8 @@ def main(argv: Sequence[str] | None = None) -> str | None:
             publish=args.publish,
             command=command,
             log=lambda message: print(message, flush=True),
+            methods=args.methods,
+            trials=args.trials,
         )
 
     interrupted = f"interrupted; finished trials and units are kept, run again:\n  {command}"

@@ -26,6 +26,11 @@ This module is the command line and the loop over units; a unit is
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # --help and option errors answer before torch and Optuna load
+    from benchmarks.cli import run_parser as _parser
+
+    _parser().parse_args()
+
 import argparse
 import contextlib
 import logging
@@ -48,6 +53,7 @@ import tqdm
 
 from . import distributed as ddp
 from .build import is_frozen_method
+from .cli import run_parser
 from .config import ConfigError, UserError, load_config, method_config, method_names
 from .layout import CACHE, RESULTS, Log, unit_dir, unit_folds
 from .pipeline import DataPipeline
@@ -521,46 +527,7 @@ def _quiet(message: str) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.run",
-        description="Run a benchmark config (MLRC protocol, stock PML parts).",
-    )
-    parser.add_argument(
-        "--config", required=True, help="a YAML file, e.g. benchmarks/configs/omniglot_quick.yaml"
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY.SUB=VALUE",
-        help="override a config value (YAML value), e.g. --set training.num_epochs=2",
-    )
-    parser.add_argument(
-        "--out", default="runs", help="parent folder of the run folder (default runs/)"
-    )
-    parser.add_argument("--methods", nargs="+", default=None, help="run only these methods")
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="local processes that share the units, each with an equal share of the cores "
-        "unless the config pins threads (default 1)",
-    )
-    parser.add_argument(
-        "--publish",
-        default=None,
-        metavar="DIR",
-        help="also write the table with its provenance to DIR/<name>.md and DIR/<name>.csv "
-        "(the committed reports live in benchmarks/results)",
-    )
-    parser.add_argument("--verbose", action="store_true", help="show PML's INFO logs")
-    parser.add_argument(
-        "--no-progress",
-        action="store_true",
-        help="hide every progress bar (the caches' and PML's training and testing bars)",
-    )
-    return parser.parse_args(argv)
+    return run_parser().parse_args(argv)
 
 
 def cli_command(args: Sequence[str]) -> str:

@@ -43,6 +43,11 @@ to one of::
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # --help and option errors answer before torch and Optuna load
+    from benchmarks.cli import tune_parser as _parser
+
+    _parser().parse_args()
+
 import argparse
 import json
 import math
@@ -67,6 +72,7 @@ from optuna.trial import TrialState
 
 from benchmarks import run
 from benchmarks.build import check_arguments
+from benchmarks.cli import tune_parser
 from benchmarks.config import ConfigError, UserError, apply_override, load_config, method_config
 from benchmarks.data import load_source
 from benchmarks.layout import CACHE, RESULTS, write_atomic
@@ -892,21 +898,7 @@ def report_search(
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.tune", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--config", required=True, help="a YAML config with search spaces")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--methods", nargs="+", default=None, help="tune only these methods")
-    parser.add_argument("--trials", type=int, default=None, help="trials per method (tune.trials)")
-    parser.add_argument("--workers", type=int, default=1, help="local worker processes per study")
-    parser.add_argument(
-        "--storage", default=None, help="an Optuna RDB URL (default: a journal file)"
-    )
-    parser.add_argument("--out", default="runs", help="run folder root (default runs/)")
-    parser.add_argument("--publish", default=None, help="also copy the report here")
-    parser.add_argument("--no-progress", action="store_true", help="hide every progress bar")
-    return parser.parse_args(argv)
+    return tune_parser().parse_args(argv)
 
 
 def quiet_optuna() -> None:

@@ -293,3 +293,42 @@ def test_one_command_tunes_runs_and_tables_and_a_rerun_trains_nothing(tmp_path, 
     # the tables of both invocations hold the same values: nothing was trained again
     strip = re.compile(r"(Measured wall time|Produced by).*")
     assert strip.sub("", first) == strip.sub("", second)
+
+
+def test_methods_and_trials_narrow_the_table_for_a_quick_try(tmp_path):
+    config = tmp_path / "tiny_mlrc.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    args = ["--config", str(config), "--out", str(tmp_path / "runs"), "--no-progress"]
+    text = mlrc_table.main([*args, "--methods", "triplet_linear", "triplet_crt", "--trials", "1"])
+    trials = sorted((tmp_path / "runs").glob("tiny_mlrc/tune/*/trial*"))
+    assert [p.parent.name for p in trials] == ["triplet_crt", "triplet_linear"]
+    table = text.split("## Test classes, separate (mean of fold models)")[1]
+    for embedder in ("linear", "MultiHeadCRT"):
+        cells = _cells(table, "Triplet" if embedder == "linear" else "", embedder)
+        complete, pruned = (int(n) for n in cells[7].split(" + "))
+        assert complete + pruned == 1
+    assert "1 trials per method" in text and "2 trials" not in text
+    assert not (tmp_path / "runs" / "tiny_mlrc" / "frozen").exists()
+
+
+def test_help_answers_before_the_heavy_imports():
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    for command in ("run", "tune", "mlrc_table"):
+        started = time.perf_counter()
+        shown = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", f"benchmarks.{command}", "--help"],
+            cwd=root, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        seconds = time.perf_counter() - started
+        imported = {line.split("|")[-1].strip().split(".")[0] for line in shown.stderr.splitlines()}
+        assert not {"torch", "optuna"} & imported, (command, "imported torch or optuna")
+        assert seconds < 10, (command, seconds)  # about 0.1 s; generous for a loaded machine
+        text = shown.stdout
+        assert "Stages:" in text and "resumes" in text and "Measured on 2 CPUs" in text, text
+        assert all(
+            "--set" not in line or "override" in line or "usage" in line or "[" in line
+            for line in text.splitlines()
+        )
