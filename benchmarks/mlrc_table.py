@@ -504,6 +504,8 @@ def build_table(
         write_atomic(target / f"{config['name']}_mlrc.md", text)
         plot_mlrc(result["rows"], groups, target / f"{config['name']}_mlrc.png", config["name"])
     log(text)
+    reports = [str(target / f"{config['name']}_mlrc.md") for target in [folder, publish] if target]
+    log(f"\nThe report: {' and '.join(reports)}")
     return text
 
 

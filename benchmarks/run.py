@@ -508,6 +508,8 @@ def _run_units(
         )
     log("")
     log(heading + table + footer)
+    published = f" and {Path(publish) / (str(config['name']) + '.md')}" if publish else ""
+    log(f"\nThe table: {root / 'table.md'}{published}")
     return {
         "rows": rows,
         "summary": summary,

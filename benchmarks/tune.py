@@ -775,6 +775,14 @@ def _space_text(entry: Mapping[str, Any]) -> str:
     return text
 
 
+IMPORTANCE_TRIALS = 20  # below this many complete trials, importances are mostly noise
+
+
+def _readable(value: Any) -> str:
+    """A parameter for reading: floats to 3 significant digits (best.yaml keeps them whole)."""
+    return f"{value:.3g}" if isinstance(value, float) else json.dumps(value)
+
+
 def _save_plots(
     studies: Mapping[str, optuna.Study], budget: int, folder: Path, prefix: str
 ) -> list[str]:
@@ -798,7 +806,12 @@ def _save_plots(
             plots.append(("importance", optuna_plots.plot_param_importances))
         for kind, plot in plots:
             axes = plot(study)
-            axes.figure.suptitle(name, y=1.02)
+            title = name
+            if kind == "importance":
+                title += f" ({len(complete)} complete trials)"
+                if len(complete) < IMPORTANCE_TRIALS:
+                    title += f": too few to rank parameters reliably (say {IMPORTANCE_TRIALS}+)"
+            axes.figure.suptitle(title, y=1.02)
             path = f"{prefix}_{name}_{kind}.png"
             axes.figure.savefig(folder / path, dpi=100, bbox_inches="tight")
             plt.close(axes.figure)
@@ -857,7 +870,7 @@ def report_search(
         f"{tune['seed']} plus the trial's index; pruner: {tune['pruner']}.",
         "",
         "| method | trials (complete + pruned) | trial time, summed | best validation MAP@R "
-        "| best trial | best parameters |",
+        "| best trial | best parameters (rounded; best.yaml has them whole) |",
         "|---|---|---|---|---|---|",
     ]
     for method, study in studies.items():
@@ -867,11 +880,14 @@ def report_search(
         minutes = trial_minutes(study)
         trial = best_trial(study, budget)
         value = "-" if trial is None else f"{100 * trial.value:.2f}"
-        params = ", ".join(f"`{k}` = `{json.dumps(v)}`" for k, v in best[method].items())
+        params = ", ".join(f"`{k}` = `{_readable(v)}`" for k, v in best[method].items())
+        number = "-" if trial is None else str(trial.number)
+        if trial is not None and root_number(trial) != trial.number:  # a retry, in its folder
+            number += f" (folder trial{root_number(trial):04d})"
         lines.append(
             f"| {method} | {len(counted) - pruned} + {pruned}"
             f"{f' ({diverged} diverged)' if diverged else ''} | {minutes:.1f} min | {value} | "
-            f"{'-' if trial is None else trial.number} | {params or '-'} |"
+            f"{number} | {params or '-'} |"
         )
     lines += ["", "## Search spaces", "", "| method | key | space |", "|---|---|---|"]
     for method in studies:

@@ -295,7 +295,7 @@ def test_one_command_tunes_runs_and_tables_and_a_rerun_trains_nothing(tmp_path, 
     assert strip.sub("", first) == strip.sub("", second)
 
 
-def test_methods_and_trials_narrow_the_table_for_a_quick_try(tmp_path):
+def test_methods_and_trials_narrow_the_table_for_a_quick_try(tmp_path, capsys):
     config = tmp_path / "tiny_mlrc.yaml"
     config.write_text(yaml.safe_dump(TINY))
     args = ["--config", str(config), "--out", str(tmp_path / "runs"), "--no-progress"]
@@ -308,6 +308,14 @@ def test_methods_and_trials_narrow_the_table_for_a_quick_try(tmp_path):
         complete, pruned = (int(n) for n in cells[7].split(" + "))
         assert complete + pruned == 1
     assert "1 trials per method" in text and "2 trials" not in text
+    printed = capsys.readouterr().out  # each stage ends by naming what it wrote
+    runs = tmp_path / "runs"
+    assert (
+        f"the final runs on the test classes:\n  python -m benchmarks.run --config {runs}"
+        in printed
+    )
+    assert f"The table: {runs / 'tiny_mlrc_tuned' / 'table.md'}" in printed
+    assert printed.rstrip().endswith(f"The report: {runs / 'tiny_mlrc' / 'tiny_mlrc_mlrc.md'}")
     assert not (tmp_path / "runs" / "tiny_mlrc" / "frozen").exists()
 
 

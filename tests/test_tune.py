@@ -476,6 +476,8 @@ def test_search_uses_its_budget_prunes_and_writes_best_yaml(reference):
     )
     assert method["embedder"]["kwargs"]["pooling"] == best.params["embedder.kwargs.pooling"]
     report = (result["folder"] / "tiny_tune_tuning.md").read_text()
+    lr = report.split("`optimizers.default.kwargs.lr` = `")[1].split("`")[0]
+    assert lr == f"{best.params['optimizers.default.kwargs.lr']:.3g}", "not rounded for reading"
     assert (
         f"| global_pool | {TRIALS - sum(t.state == TrialState.PRUNED for t in counted)} + "
         in report
