@@ -33,6 +33,7 @@ __all__ = [
     "build_optimizers",
     "build_trunk",
     "install_weights",
+    "caches_frozen_stages",
     "check_arguments",
     "is_frozen_method",
     "trunk_is_cacheable",
@@ -422,9 +423,18 @@ def trunk_is_cacheable(trunk: torch.nn.Module, config: Mapping[str, Any]) -> boo
     when the training images are not randomly augmented and ``cache.features``
     is on (the frozen blocks then give the same output every epoch).
     """
+    return isinstance(trunk, FeatureMapTrunk) and caches_frozen_stages(config)
+
+
+def caches_frozen_stages(config: Mapping[str, Any]) -> bool:
+    """Whether ``config``'s pretrained trunk has frozen first blocks run once and cached.
+
+    The cache then holds their output for every image of the dataset, test classes
+    included (computed once, by frozen ImageNet weights; nothing tuned sees it).
+    """
     return (
-        isinstance(trunk, FeatureMapTrunk)
-        and trunk.frozen_blocks > 0
+        config["trunk"]["name"] != "small_convnet"
+        and (config["trunk"].get("frozen_blocks") or 0) > 0
         and config["trunk"].get("weights") is not None
         and bool(config["cache"].get("features", True))
         and config["images"].get("augmentation", "none") == "none"

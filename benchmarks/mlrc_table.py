@@ -49,6 +49,7 @@ from pml_crt.utils.stats import format_mean_ci, mean_ci95
 
 from . import run, tune
 from .ablation_report import paired_differences, seed_table, verdict
+from .build import caches_frozen_stages
 from .cli import mlrc_table_parser
 from .config import ConfigError, load_config, method_names
 from .layout import write_atomic
@@ -300,13 +301,22 @@ def mlrc_markdown(
     seeds = sorted({int(r["seed"]) for r in rows})
     env = environment()
     evaluations = [e for e in EVALUATIONS if any(r["evaluation"] == e for r in rows)]
+    pruner = tune_cfg["pruner"]["name"]
+    pruning = "no pruning" if pruner == "none" else f"{pruner} pruning"
+    if caches_frozen_stages(config):
+        unseen = (
+            "the test classes never reach a search: their images pass only once through the "
+            "trunk's frozen, cached ImageNet stages"
+        )
+    else:
+        unseen = "the test classes never embedded"
     parts = [
         f"# {name}: the Metric Learning Reality Check table, linear embedder vs MultiHeadCRT",
         "",
         f"Budget, the same for every method: {tune_cfg['trials']} trials of "
         "`python -m benchmarks.tune` on validation classes (folds "
-        f"{tune_cfg['folds']}, seeds {tune_cfg['seeds']}, median pruning; the test classes "
-        "never embedded), then the best trial's configuration trained for seeds "
+        f"{tune_cfg['folds']}, seeds {tune_cfg['seeds']}, {pruning}; {unseen}), "
+        "then the best trial's configuration trained for seeds "
         f"{list(config['seeds'])} x folds {list(config['folds'])} and tested on the test "
         "classes. Trials counted and time per method are in the last columns.",
         "",

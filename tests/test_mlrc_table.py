@@ -170,6 +170,27 @@ def test_report_has_one_table_per_evaluation_and_states_the_budget():
     assert _cells(concatenated, "MS", "linear")[4] == f"{100 * mean:.2f} ± {100 * half:.2f}"
 
 
+def test_report_words_follow_the_config():
+    wall = {"tune_min": 1.0, "final_min": 2.0, "total_min": 3.0, "invocations": 1}
+    methods = {method: {} for method in VALUES}
+
+    def report(data):
+        config = load_config(data={"name": "tiny", "methods": methods, **data})
+        return mlrc_table.mlrc_markdown(config, _rows(("separate",)), BUDGETS, wall, "C", "t")
+
+    default = report({})
+    assert "median pruning; the test classes never embedded)" in default
+    unpruned = report({"tune": {"pruner": {"name": "none"}}})
+    assert "no pruning" in unpruned and "median" not in unpruned
+    cub_like = {
+        "images": {"resize": 224, "augmentation": "none"},
+        "trunk": {"name": "mobilenet_v2", "weights": "IMAGENET1K_V1", "frozen_blocks": 5},
+    }
+    cached = report(cub_like)
+    assert "never embedded" not in cached
+    assert "pass only once through the trunk's frozen, cached ImageNet stages" in cached
+
+
 # --------------------------------------------------------------------------- MLRC's numbers
 
 
