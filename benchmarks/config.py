@@ -129,6 +129,9 @@ DEFAULTS: dict[str, Any] = {
         "seed": 0,  # TPE's seed (plus the trial's index)
         "sampler": {},  # optuna.samplers.TPESampler keyword arguments
         "pruner": {"name": "median", "kwargs": {"n_startup_trials": 5, "n_warmup_steps": 1}},
+        # RDB storage (--storage URL): a worker's heartbeat period, in seconds; a trial
+        # without a heartbeat for twice as long is failed and queued again (Optuna's own).
+        "heartbeat_interval": 60,
         "tuned_from": None,  # set in best.yaml: the name of the config whose search it holds
         "tuned_methods": None,  # set in best.yaml: the methods it holds the search's best of
         "untuned_methods": None,  # set in best.yaml: the methods with no search space

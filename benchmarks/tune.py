@@ -305,10 +305,23 @@ def _connect_timeout(url: Any) -> dict[str, Any]:
     return {"connect_timeout": 10} if url.get_backend_name() == "postgresql" else {}
 
 
-def open_storage(storage: str) -> optuna.storages.BaseStorage:
-    """An RDB URL (``postgresql://...``, ``sqlite:///...``) or the path of a journal file."""
+def open_storage(storage: str, heartbeat: int | None = None) -> optuna.storages.BaseStorage:
+    """An RDB URL (``postgresql://...``, ``sqlite:///...``) or the path of a journal file.
+
+    With ``heartbeat`` (seconds) an RDB storage runs Optuna's heartbeat: a running trial
+    whose worker, on any machine, stopped beating for ``2 * heartbeat`` seconds is
+    failed and queued again by Optuna's ``RetryHeartbeatStaleTrialCallback``. A journal file has
+    no heartbeat; :func:`requeue_dead_trials` looks for dead processes on this host.
+    """
     if "://" in storage:
-        return optuna.storages.RDBStorage(storage)
+        if heartbeat is None:
+            return optuna.storages.RDBStorage(storage)
+        return optuna.storages.RDBStorage(
+            storage,
+            heartbeat_interval=int(heartbeat),
+            grace_period=2 * int(heartbeat),
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
+        )
     backend = optuna.storages.journal.JournalFileBackend(storage)
     return optuna.storages.journal.JournalStorage(backend)
 
@@ -342,8 +355,19 @@ def make_pruner(tune: Mapping[str, Any]) -> optuna.pruners.BasePruner:
 
 
 def root_number(trial: optuna.trial.FrozenTrial) -> int:
-    """The number of the first attempt of a trial (retries keep its folder)."""
-    return int(trial.user_attrs.get("retry_of", trial.number))
+    """The number of the first attempt of a trial (retries keep its folder).
+
+    A retry queued here carries ``retry_of``; one queued by Optuna's heartbeat
+    (``RetryHeartbeatStaleTrialCallback``) carries its ``retry_history``.
+    """
+    history = trial.system_attrs.get("retry_history") or [trial.number]
+    return int(trial.user_attrs.get("retry_of", history[0]))
+
+
+def _beats(study: optuna.Study) -> bool:
+    """Whether the study's storage runs Optuna's heartbeat (an RDB storage opened with one)."""
+    storage = study._storage  # noqa: SLF001 (Optuna exposes no public accessor)
+    return getattr(storage, "get_heartbeat_interval", lambda: None)() is not None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -362,12 +386,18 @@ def requeue_dead_trials(study: optuna.Study) -> list[int]:
     A trial is queued again (same parameters, ``retry_of`` its first attempt)
     unless it ran over the budget or another attempt of it is still alive.
     Returns the first-attempt numbers queued. Call it before any worker starts.
+    With a heartbeat storage, Optuna's own check finds the dead trials, on any host
+    (and queues them again itself); without one, a trial is dead when its process on
+    this host is.
     """
-    host = socket.gethostname()
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        pid = trial.user_attrs.get("pid")
-        if trial.user_attrs.get("host") == host and pid is not None and not _pid_alive(int(pid)):
-            study.tell(trial.number, state=TrialState.FAIL)
+    if _beats(study):
+        optuna.storages.fail_stale_trials(study)
+    else:
+        host = socket.gethostname()
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            pid = trial.user_attrs.get("pid")
+            if trial.user_attrs.get("host") == host and pid and not _pid_alive(int(pid)):
+                study.tell(trial.number, state=TrialState.FAIL)
     trials = study.get_trials(deepcopy=False)
     alive = {root_number(t) for t in trials if t.state != TrialState.FAIL}
     queued = []
@@ -468,7 +498,8 @@ def make_objective(
             raise OverBudget(f"trial {trial.number}: the budget of {budget} trials is used")
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
-        root = int(trial.user_attrs.get("retry_of", trial.number))
+        frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+        root = root_number(frozen)
         reported: dict[int, float] = {}  # earlier attempts' validations, for the pruner
         for attempt in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
             if root_number(attempt) == root:
@@ -519,6 +550,8 @@ def tune_method(
     )
     objective = make_objective(method, space, folder / method_name, budget, run_unit)
     while True:
+        if _beats(study):  # a worker that died elsewhere: its trial is failed and queued again
+            optuna.storages.fail_stale_trials(study)
         trials = study.get_trials(deepcopy=False)
         finished = finished_trials(study)
         waiting = any(t.state == TrialState.WAITING for t in trials)
@@ -595,7 +628,8 @@ def _worker(
             ready.wait(timeout=STARTUP_TIMEOUT_S)
         except threading.BrokenBarrierError:  # another worker died while starting
             pass
-        tune_method(config, method, open_storage(storage), folder, runner, budget)
+        storage_ = open_storage(storage, config["tune"]["heartbeat_interval"])
+        tune_method(config, method, storage_, folder, runner, budget)
 
 
 def search(
@@ -628,7 +662,7 @@ def search(
     folder = out / str(config["name"]) / "tune"
     folder.mkdir(parents=True, exist_ok=True)
     storage = storage or str(folder / JOURNAL)
-    opened = open_storage(storage)
+    opened = open_storage(storage, config["tune"]["heartbeat_interval"])
     config = run.worker_threads(config, workers)
     log(
         f"{config['name']}: tuning {names} with {budget} trials each (validation classes, "

@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import statistics
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -544,6 +545,48 @@ def test_two_workers_share_one_study(backend, tmp_path, request):
     config = load_config(data={**TINY, "name": "tiny_tune"})
     tune.search(config, out, workers=2, storage=storage, progress=False, log=lambda s: None)
     _assert_workers_shared(_study(out, storage), out)
+
+
+@needs_omniglot
+def test_a_dead_worker_on_rdb_storage_is_found_by_optunas_heartbeat(tmp_path, request):
+    # A worker on "another machine" dies (SIGKILL, and its trial is relabelled with a
+    # foreign host, so that no host-and-pid check could find it): after the grace period
+    # Optuna's heartbeat fails its trial and RetryHeartbeatStaleTrialCallback queues it
+    # again; the next search runs the retry in the dead trial's folder, from its last epoch.
+    storage = request.getfixturevalue("postgres_url")
+    data = {**TINY, "name": "tiny_beat", "tune": {**TINY["tune"], "heartbeat_interval": 1}}
+    path = tmp_path / "tiny_beat.yaml"
+    path.write_text(yaml.safe_dump(data))
+    out = tmp_path / "runs"
+    argv = ["--config", str(path), "--out", str(out), "--storage", storage, "--no-progress"]
+    process = _start(argv, "benchmarks.tune")
+    killed_unit = out / "tiny_beat" / "tune" / "global_pool" / "trial0000" / "seed0" / "fold0"
+    try:
+        _wait_for_marker(process, killed_unit, 180)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+        process.stderr.close()
+    assert not (killed_unit / RESULTS).exists(), "killed too late: the trial had finished"
+    opened = tune.open_storage(storage)
+    study = optuna.load_study(study_name="tiny_beat/global_pool", storage=opened)
+    (dead,) = study.get_trials(states=(TrialState.RUNNING,))
+    opened.set_trial_user_attr(dead._trial_id, "host", "another-machine")  # noqa: SLF001
+    time.sleep(2.5)  # past the grace period, 2 x 1 s
+
+    tune.search(load_config(path), out, storage=storage, progress=False, log=lambda s: None)
+
+    study = optuna.load_study(study_name="tiny_beat/global_pool", storage=opened)
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert [t.number for t in failed] == [dead.number]
+    retries = [t for t in study.trials if tune.root_number(t) == dead.number and t is not failed[0]]
+    retries = [t for t in retries if t.number != dead.number]
+    assert len(retries) == 1 and retries[0].params == dead.params
+    assert retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert len(tune.counted_trials(study, TRIALS)) == TRIALS
+    env = json.loads((killed_unit / "env.json").read_text())
+    assert env["resumes"], "the retry did not resume the dead trial's unit"
 
 
 def test_committed_configs_search_spaces_fit_their_methods():
