@@ -64,25 +64,30 @@ class Candidate:
 
 
 def grid_cells(
-    sweeps: Mapping[str, Path], candidates: Sequence[str], base: str, lrs: Sequence[float]
+    sweeps: Sequence[tuple[str, Path]], candidates: Sequence[str], base: str, lrs: Sequence[float]
 ) -> list[Candidate]:
     """Each candidate's paired MAP@R differences from ``base``, per (dataset, learning rate).
 
-    A candidate absent from a later sweep (every learning rate missing: it failed the
-    proviso on an earlier dataset, so it was not run) has no cells there; one absent
-    from the first sweep, or present at only some rates, is an error naming it.
+    ``sweeps`` are ``(dataset, csv)`` pairs; a dataset may have several sweeps (one grid
+    split over invocations), each with its own ``base`` run, and a candidate is paired
+    with the base of the sweep that holds it. A candidate absent from every sweep of a
+    later dataset (it failed the proviso on an earlier one, so it was not run there) has
+    no cells there; one absent from the first dataset, or present at only some rates, is
+    an error naming it.
     """
     cells: dict[str, dict[Cell, tuple[float, float]]] = {name: {} for name in candidates}
-    for index, (dataset, path) in enumerate(sweeps.items()):
+    datasets = list(dict.fromkeys(dataset for dataset, _ in sweeps))
+    for dataset, path in sweeps:
         table = read_separate_rows(path)
-        present = [
-            c for c in candidates if index == 0 or any(f"{c}_{lr_label(lr)}" in table for lr in lrs)
-        ]
-        pairs = [(f"{c}_{lr_label(lr)}", f"{base}_{lr_label(lr)}") for c in present for lr in lrs]
+        here = [c for c in candidates if any(f"{c}_{lr_label(lr)}" in table for lr in lrs)]
+        pairs = [(f"{c}_{lr_label(lr)}", f"{base}_{lr_label(lr)}") for c in here for lr in lrs]
         rows = iter(paired_differences(table, pairs=pairs))
-        for name in present:
+        for name in here:
             for lr in lrs:
                 cells[name][(dataset, lr)] = next(rows)[MAP_AT_R]
+    missing = [c for c in candidates if not any(d == datasets[0] for d, _ in cells[c])]
+    if missing:
+        raise ValueError(f"{datasets[0]} (the first dataset) has no sweep of {missing}")
     return [Candidate(name, cells[name]) for name in candidates]
 
 
@@ -108,7 +113,7 @@ def _cell_text(mean: float, half: float) -> str:
 
 
 def markdown(
-    candidates: Sequence[Candidate], base: str, sweeps: Mapping[str, Path], command: str
+    candidates: Sequence[Candidate], base: str, sweeps: Sequence[tuple[str, Path]], command: str
 ) -> str:
     """The grid table, the rule's reading of each candidate, and the chosen default."""
     chosen, proviso = choose(candidates)
@@ -141,7 +146,7 @@ def markdown(
             f"**No candidate passes the proviso**: every one has a cell significantly below the "
             f"linear head. `{chosen.name}` has the highest worst cell; state where it is below."
         )
-    seeds = sorted({s for path in sweeps.values() for s in _seeds(path)})
+    seeds = sorted({s for _, path in sweeps for s in _seeds(path)})
     lines += [
         "",
         outcome,
@@ -150,7 +155,7 @@ def markdown(
         f"{seeds}), mean ± 95% Student-t CI, percentage points of validation MAP@R. Rows sorted "
         "by their worst cell. Not run: the candidate failed the proviso on an earlier dataset. "
         "The rule: `benchmarks/results/ablation.md`.",
-        "Sources: " + ", ".join(f"`{path}` ({dataset})" for dataset, path in sweeps.items()) + ".",
+        "Sources: " + ", ".join(f"`{path}` ({dataset})" for dataset, path in sweeps) + ".",
         f"Produced by `{command}`.",
     ]
     return "\n".join(lines) + "\n"
@@ -215,7 +220,8 @@ def main(argv: Sequence[str] | None = None) -> str:
         required=True,
         type=_sweep,
         metavar="DATASET=CSV",
-        help="a learning-rate sweep's published CSV, named by its dataset (one or more)",
+        help="a learning-rate sweep's published CSV, named by its dataset (one or more; a "
+        "dataset may have several, each with its own base run)",
     )
     parser.add_argument("--base", default="global_avg", help="the linear head's method name")
     parser.add_argument("--candidates", nargs="+", required=True, help="candidate method names")
@@ -225,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     command = "python -m benchmarks.defaults_grid " + shlex.join(
         sys.argv[1:] if argv is None else list(argv)
     )
-    sweeps = dict(args.sweep)
+    sweeps = list(args.sweep)
     candidates = grid_cells(sweeps, args.candidates, args.base, args.lrs)
     text = markdown(candidates, args.base, sweeps, command)
     plot = args.out.with_suffix(".png")

@@ -53,7 +53,7 @@ def sweeps(tmp_path):
     for dataset in values:
         values[dataset][("safe", 1e-3)] = [0.40, 0.43, 0.41]  # worst cell +0.0033, CI > 0.01
         values[dataset][("safer_mean", 1e-3)] = [0.40, 0.425, 0.41]  # worst within safe's CI
-    paths = {d: _write(tmp_path / f"{d}.csv", v) for d, v in values.items()}
+    paths = [(d, _write(tmp_path / f"{d}.csv", v)) for d, v in values.items()]
     return paths, values
 
 
@@ -77,7 +77,7 @@ def test_cells_are_the_paired_differences_and_the_rule_puts_safety_first(sweeps,
 
     out = tmp_path / "grid.md"
     text = defaults_grid.main(
-        ["--sweep", f"omni={paths['omni']}", f"cub={paths['cub']}", "--base", "linear",
+        ["--sweep", *(f"{d}={p}" for d, p in paths), "--base", "linear",
          "--candidates", "risky", "safe", "safer_mean", "--lrs", "1e-5", "1e-3",
          "--out", str(out)]
     )  # fmt: skip
@@ -97,15 +97,33 @@ def test_without_a_safe_candidate_the_report_says_so(sweeps):
 
 def test_a_missing_method_is_named_and_a_later_sweep_may_leave_a_candidate_out(sweeps, tmp_path):
     paths, values = sweeps
-    with pytest.raises(ValueError, match="'nothing_lr1e-05'"):
+    with pytest.raises(
+        ValueError, match=r"omni \(the first dataset\) has no sweep of \['nothing'\]"
+    ):
         defaults_grid.grid_cells(paths, ["nothing"], "linear", LRS)
     later = {k: v for k, v in values["cub"].items() if k[0] != "risky"}
-    paths = {"omni": paths["omni"], "cub": _write(tmp_path / "later.csv", later)}
+    paths = [paths[0], ("cub", _write(tmp_path / "later.csv", later))]
     risky, safe = defaults_grid.grid_cells(paths, ["risky", "safe"], "linear", LRS)
     assert sorted(risky.cells) == [("omni", 1e-5), ("omni", 1e-3)] and len(safe.cells) == 4
     text = defaults_grid.markdown([risky, safe], "linear", paths, "cmd")
     assert text.count("| not run") == 2 and "Not run: the candidate failed" in text
     partial = {k: v for k, v in later.items() if k != ("safe", 1e-3)}
-    paths["cub"] = _write(tmp_path / "partial.csv", partial)
+    paths[1] = ("cub", _write(tmp_path / "partial.csv", partial))
     with pytest.raises(ValueError, match="'safe_lr1e-03'"):
         defaults_grid.grid_cells(paths, ["safe"], "linear", LRS)
+
+
+def test_a_dataset_split_over_sweeps_pairs_each_candidate_with_its_own_base(sweeps, tmp_path):
+    paths, values = sweeps
+    first = {k: v for k, v in values["cub"].items() if k[0] in ("linear", "safe")}
+    # the second invocation's linear head came out differently: its candidates pair with it
+    second = {k: v for k, v in values["cub"].items() if k[0] in ("risky", "safer_mean")}
+    second.update({("linear", lr): [v + 0.01 for v in values["cub"][("linear", lr)]] for lr in LRS})
+    split = [paths[0], ("cub", _write(tmp_path / "a.csv", first)),
+             ("cub", _write(tmp_path / "b.csv", second))]  # fmt: skip
+    whole = {c.name: c for c in defaults_grid.grid_cells(paths, ["safe", "risky"], "linear", LRS)}
+    parts = {c.name: c for c in defaults_grid.grid_cells(split, ["safe", "risky"], "linear", LRS)}
+    assert parts["safe"].cells == whole["safe"].cells
+    for lr in LRS:
+        mean, _ = parts["risky"].cells[("cub", lr)]
+        assert mean == pytest.approx(whole["risky"].cells[("cub", lr)][0] - 0.01, abs=1e-12)
