@@ -420,8 +420,10 @@ def trunk_is_cacheable(trunk: torch.nn.Module, config: Mapping[str, Any]) -> boo
     """Whether the frozen first blocks of ``trunk`` can be run once and cached.
 
     True for a pretrained :class:`FeatureMapTrunk` with ``frozen_blocks > 0``
-    when the training images are not randomly augmented and ``cache.features``
-    is on (the frozen blocks then give the same output every epoch).
+    and ``cache.features`` on, when the training images are not randomly
+    augmented (the frozen blocks then give the same output every epoch) or
+    ``cache.train_views`` augmented views of each are cached
+    (:func:`caches_frozen_stages`).
     """
     return isinstance(trunk, FeatureMapTrunk) and caches_frozen_stages(config)
 
@@ -430,12 +432,15 @@ def caches_frozen_stages(config: Mapping[str, Any]) -> bool:
     """Whether ``config``'s pretrained trunk has frozen first blocks run once and cached.
 
     The cache then holds their output for every image of the dataset, test classes
-    included (computed once, by frozen ImageNet weights; nothing tuned sees it).
+    included (computed once, by frozen ImageNet weights; nothing tuned sees it). With
+    random augmentation that needs ``cache.train_views``: the training images' outputs
+    are then cached for that many augmented views of each.
     """
+    augmented = config["images"].get("augmentation", "none") != "none"
     return (
         config["trunk"]["name"] != "small_convnet"
         and (config["trunk"].get("frozen_blocks") or 0) > 0
         and config["trunk"].get("weights") is not None
         and bool(config["cache"].get("features", True))
-        and config["images"].get("augmentation", "none") == "none"
+        and (not augmented or int(config["cache"].get("train_views") or 0) > 0)
     )

@@ -55,6 +55,9 @@ DEFAULTS: dict[str, Any] = {
     "cache": {
         "images": True,  # decode + resize once into an in-memory uint8 tensor
         "features": True,  # cache the frozen trunk blocks' outputs (no augmentation only)
+        # with images.augmentation: run the frozen blocks once over this many augmented views
+        # of every training image; each training access draws one (0: augment every epoch)
+        "train_views": 0,
         "feature_dtype": "float32",
     },
     "trunk": {

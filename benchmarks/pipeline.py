@@ -28,6 +28,7 @@ from .layout import Log, save_atomic
 __all__ = ["FEATURE_FORMAT", "DataPipeline"]
 
 FEATURE_FORMAT = 1  # raise it when the code that computes the stored trunk outputs changes
+VIEW_SEED = 20_221_107  # seeds view v of the cached augmented views as VIEW_SEED + v
 
 
 class DataPipeline:
@@ -119,6 +120,80 @@ class DataPipeline:
             self._features[key] = features
         return self._features[key]
 
+    def view_features(
+        self, config: Mapping[str, Any], trunk: torch.nn.Module, device: torch.device
+    ) -> CachedDataset:
+        """The frozen first blocks of ``trunk`` over ``cache.train_views`` augmented views.
+
+        View ``v`` of every image is drawn with torch's RNG seeded ``VIEW_SEED + v``
+        (the same views whatever the run, seed or process); the dataset's rows are
+        ``(V, ...)`` stacks, and each access returns one view drawn with torch's RNG
+        (the training loader's), so every epoch sees a random view of each image.
+        """
+        views = int(config["cache"]["train_views"])
+        dtype = getattr(torch, str(config["cache"].get("feature_dtype", "float32")))
+        augmentation = ("resize", "crop", "normalize", "augmentation", "rrc_scale", "hflip")
+        key = json.dumps(
+            [
+                "train_views",
+                views,
+                {k: config["trunk"].get(k) for k in ("name", "weights", "frozen_blocks", "kwargs")},
+                {k: config["images"].get(k) for k in augmentation},
+                str(dtype),
+                int(config["eval"]["batch_size"]),
+            ],
+            sort_keys=True,
+        )
+        if key not in self._features:
+
+            def compute() -> CachedDataset:
+                start = time.time()
+                outputs = []
+                for view in range(views):
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(VIEW_SEED + view)
+                        outputs.append(
+                            self._prefix_outputs(
+                                config,
+                                trunk,
+                                device,
+                                dtype,
+                                self.images(config, train=True),
+                                f"caching frozen trunk blocks, view {view + 1} of {views}",
+                            )
+                        )
+                stacked = torch.stack([o.data for o in outputs], dim=1)  # (N, V, ...)
+                self.log(
+                    f"cached {views} augmented views of {trunk.frozen_blocks} frozen trunk "
+                    f"blocks' output {tuple(stacked.shape[1:])} in {time.time() - start:.1f} s"
+                )
+                return CachedDataset(stacked, outputs[0].labels)
+
+            features = self._stored(key, device, compute)
+            features.transform = _RandomView(dtype != torch.float32)
+            self._features[key] = features
+        return self._features[key]
+
+    def _prefix_outputs(
+        self,
+        config: Mapping[str, Any],
+        trunk: torch.nn.Module,
+        device: torch.device,
+        dtype: torch.dtype,
+        images: Any,
+        desc: str,
+    ) -> CachedDataset:
+        """``frozen_prefix(trunk)`` over ``images``, in one process (its RNG is the caller's)."""
+        return cache_module_outputs(
+            frozen_prefix(trunk),
+            images,
+            batch_size=int(config["eval"]["batch_size"]),
+            device=device,
+            dtype=dtype,
+            desc=desc,
+            progress=self.progress,
+        )
+
     def _run_prefix(
         self,
         config: Mapping[str, Any],
@@ -127,14 +202,9 @@ class DataPipeline:
         dtype: torch.dtype,
     ) -> CachedDataset:
         start = time.time()
-        features = cache_module_outputs(
-            frozen_prefix(trunk),
-            self.images(config, train=False),
-            batch_size=int(config["eval"]["batch_size"]),
-            device=device,
-            dtype=dtype,
-            desc="caching frozen trunk blocks",
-            progress=self.progress,
+        images = self.images(config, train=False)
+        features = self._prefix_outputs(
+            config, trunk, device, dtype, images, "caching frozen trunk blocks"
         )
         self.log(
             f"cached the output of {trunk.frozen_blocks} frozen trunk blocks "
@@ -210,3 +280,14 @@ class _Compose:
 class _ToFloat32:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return x.float()
+
+
+class _RandomView:
+    """``(V, ...)`` cached views of one image to one of them, drawn with torch's RNG."""
+
+    def __init__(self, to_float32: bool) -> None:
+        self.to_float32 = to_float32
+
+    def __call__(self, views: torch.Tensor) -> torch.Tensor:
+        view = views[int(torch.randint(len(views), ()))]
+        return view.float() if self.to_float32 else view

@@ -185,7 +185,9 @@ def _inputs(
     with torch.random.fork_rng(devices=[]):
         if trunk_is_cacheable(trunk, config):
             features = data.features(config, trunk, device)
-            return TrunkTail(trunk, trunk.frozen_blocks), features, features
+            augmented = config["images"].get("augmentation", "none") != "none"
+            train = data.view_features(config, trunk, device) if augmented else features
+            return TrunkTail(trunk, trunk.frozen_blocks), train, features
         return trunk, data.images(config, train=True), data.images(config, train=False)
 
 
