@@ -135,7 +135,14 @@ def markdown(
         ]
         row += [f"{_cell_text(mean, half)} ({dataset} {lr:g})", f"{100 * candidate.mean:+.2f}"]
         lines.append("| " + " | ".join(row + [below]) + " |")
-    if proviso:
+    pending = [c.name for c in candidates if not c.below_zero and len(c.cells) < len(columns)]
+    if pending:
+        outcome = (
+            f"**Provisional: `{chosen.name}` leads**, but {', '.join(f'`{n}`' for n in pending)} "
+            "passed the proviso so far and have not run on every dataset yet: no choice "
+            "until they have."
+        )
+    elif proviso:
         outcome = (
             f"**Chosen: `{chosen.name}`**, whose worst cell is the highest among the candidates "
             "with no cell significantly below the linear head (ties, worst cells within each "
@@ -153,7 +160,8 @@ def markdown(
         "",
         f"Each cell: candidate minus `{base}` at the same learning rate, paired by seed (seeds "
         f"{seeds}), mean ± 95% Student-t CI, percentage points of validation MAP@R. Rows sorted "
-        "by their worst cell. Not run: the candidate failed the proviso on an earlier dataset. "
+        "by their worst cell. Not run: the candidate failed the proviso on an earlier dataset, "
+        "or (Provisional) its sweep there has not run yet. "
         "The rule: `benchmarks/results/ablation.md`.",
         "Sources: " + ", ".join(f"`{path}` ({dataset})" for dataset, path in sweeps) + ".",
         f"Produced by `{command}`.",

@@ -107,6 +107,12 @@ def test_a_missing_method_is_named_and_a_later_sweep_may_leave_a_candidate_out(s
     assert sorted(risky.cells) == [("omni", 1e-5), ("omni", 1e-3)] and len(safe.cells) == 4
     text = defaults_grid.markdown([risky, safe], "linear", paths, "cmd")
     assert text.count("| not run") == 2 and "Not run: the candidate failed" in text
+    # risky has no cell below zero on omni, so its missing cub sweep is still to come
+    assert "**Provisional: " in text and "`risky` passed the proviso so far" in text
+    assert "Chosen" not in text
+    failed = defaults_grid.Candidate("failed", {("omni", 1e-5): (-0.2, 0.01)})
+    text = defaults_grid.markdown([failed, safe], "linear", paths, "cmd")
+    assert "**Chosen: `safe`**" in text  # a candidate that failed earlier is not awaited
     partial = {k: v for k, v in later.items() if k != ("safe", 1e-3)}
     paths[1] = ("cub", _write(tmp_path / "partial.csv", partial))
     with pytest.raises(ValueError, match="'safe_lr1e-03'"):
