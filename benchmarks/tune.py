@@ -488,21 +488,17 @@ def make_objective(
 
     def objective(trial: optuna.Trial) -> float:
         study = trial.study
-        earlier = [
-            t
-            for t in study.get_trials(deepcopy=False)
-            if t.number < trial.number and t.state != TrialState.FAIL
-        ]
+        trials = study.get_trials(deepcopy=False)  # one read of the storage per trial
+        earlier = [t for t in trials if t.number < trial.number and t.state != TrialState.FAIL]
         if len(earlier) >= budget:
             trial.set_user_attr("over_budget", True)
             raise OverBudget(f"trial {trial.number}: the budget of {budget} trials is used")
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
-        frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
-        root = root_number(frozen)
+        root = root_number(next(t for t in trials if t.number == trial.number))
         reported: dict[int, float] = {}  # earlier attempts' validations, for the pruner
-        for attempt in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-            if root_number(attempt) == root:
+        for attempt in trials:
+            if attempt.state == TrialState.FAIL and root_number(attempt) == root:
                 reported.update(attempt.intermediate_values)
         for step, value in sorted(reported.items()):
             trial.report(value, step)

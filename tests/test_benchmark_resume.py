@@ -139,6 +139,18 @@ def _wait_for_marker(process: subprocess.Popen, unit: Path, seconds: float) -> N
         time.sleep(0.02)
 
 
+def _kill_at_marker(process: subprocess.Popen, unit: Path, seconds: float) -> None:
+    """SIGKILL ``process`` once it has written ``unit``'s first resume marker, and reap it."""
+    try:
+        _wait_for_marker(process, unit, seconds)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+        process.stderr.close()
+    assert not (unit / RESULTS).exists(), "killed too late: the unit had finished"
+
+
 def _start(argv: list[str], module: str = "benchmarks.run") -> subprocess.Popen:
     """``python -m module argv`` in the background, stderr piped."""
     return subprocess.Popen(
@@ -158,14 +170,7 @@ def test_killed_run_resumes_exactly(reference, tmp_path):
     out = tmp_path / "runs"
     unit = out / UNIT
     process = _start(_argv(out))
-    try:
-        _wait_for_marker(process, unit, 120)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
-        process.stderr.close()
-    assert not (unit / RESULTS).exists(), "killed too late: the unit had finished"
+    _kill_at_marker(process, unit, 120)
     assert process.returncode == -signal.SIGKILL
     killed_at = _marker_epoch(unit)
     assert 1 <= killed_at < 3

@@ -38,7 +38,7 @@ from benchmarks.pipeline import DataPipeline
 from benchmarks.results import table_header
 from benchmarks.splits import mlrc_split
 from pml_crt.utils.validation import NonFiniteError
-from tests.test_benchmark_resume import _marker_epoch, _start, _wait_for_marker
+from tests.test_benchmark_resume import _kill_at_marker, _marker_epoch, _start, _wait_for_marker
 
 pytest_plugins = ["postgres_server"]
 
@@ -498,14 +498,7 @@ def test_killed_search_resumes_to_the_uninterrupted_search(reference, tmp_path):
         t.number for t in _study(reference["out"]).trials if len(t.intermediate_values) > 1
     )
     killed_unit = out / TRIAL_FOLDERS / f"trial{target:04d}" / "seed0" / "fold0"
-    try:
-        _wait_for_marker(process, killed_unit, 180)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
-        process.stderr.close()
-    assert not (killed_unit / RESULTS).exists(), "killed too late: the trial had finished"
+    _kill_at_marker(process, killed_unit, 180)
     killed_at = _marker_epoch(killed_unit)
 
     tune.main(argv)  # the same command again
@@ -561,14 +554,7 @@ def test_a_dead_worker_on_rdb_storage_is_found_by_optunas_heartbeat(tmp_path, re
     argv = ["--config", str(path), "--out", str(out), "--storage", storage, "--no-progress"]
     process = _start(argv, "benchmarks.tune")
     killed_unit = out / "tiny_beat" / "tune" / "global_pool" / "trial0000" / "seed0" / "fold0"
-    try:
-        _wait_for_marker(process, killed_unit, 180)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
-        process.stderr.close()
-    assert not (killed_unit / RESULTS).exists(), "killed too late: the trial had finished"
+    _kill_at_marker(process, killed_unit, 180)
     opened = tune.open_storage(storage)
     study = optuna.load_study(study_name="tiny_beat/global_pool", storage=opened)
     (dead,) = study.get_trials(states=(TrialState.RUNNING,))
