@@ -24,7 +24,7 @@ from pytorch_metric_learning import datasets as pml_datasets
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from pml_crt.datasets import OmniglotCharacters, ToRGB, cub
+from pml_crt.datasets import OmniglotCharacters, ToRGB, cars196, cub
 
 from .cache import LabelSubset
 from .config import ConfigError, MissingFileError
@@ -134,8 +134,11 @@ def load_source(config: Mapping[str, Any]) -> Source:
     if name == "cars196":
         if not download:
             _require(root / "names.csv", "Cars196", "Cars196", root)
-        raw = pml_datasets.Cars196(str(root), split="train+test", download=download)
-    elif name == "sop":
+        dataset = cars196(
+            root, split="train+test", relabel=True, class_subset=subset, download=download
+        )
+        return Source(name, dataset, list(dataset.labels), list(dataset.class_ids), 3)
+    if name == "sop":
         if not download:
             _require(
                 root / "Stanford_Online_Products" / "Ebay_train.txt",

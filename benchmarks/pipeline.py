@@ -21,9 +21,10 @@ import PIL
 import torch
 import torchvision
 
-from .cache import CachedDataset, cache_dataset, cache_module_outputs, frozen_prefix
+from .cache import CachedDataset, LabelSubset, cache_dataset, cache_module_outputs, frozen_prefix
 from .data import Source, ToFloat, TransformedDataset, load_source, pil_transform
 from .layout import Log, save_atomic
+from .splits import trainval_test_classes
 
 __all__ = ["FEATURE_FORMAT", "DataPipeline"]
 
@@ -125,10 +126,15 @@ class DataPipeline:
     ) -> CachedDataset:
         """The frozen first blocks of ``trunk`` over ``cache.train_views`` augmented views.
 
-        View ``v`` of every image is drawn with torch's RNG seeded ``VIEW_SEED + v``
-        (the same views whatever the run, seed or process); the dataset's rows are
-        ``(V, ...)`` stacks, and each access returns one view drawn with torch's RNG
-        (the training loader's), so every epoch sees a random view of each image.
+        Only the images of the train+validation classes (the first half,
+        :func:`trainval_test_classes`) are cached: no unit trains on a test class, and
+        the views cost as many passes of the frozen blocks as there are views. The
+        dataset keeps their labels (class positions), so :func:`class_subset` picks a
+        fold's training classes from it as from the full datasets. View ``v`` of every
+        image is drawn with torch's RNG seeded ``VIEW_SEED + v`` (the same views whatever
+        the run, seed or process); the dataset's rows are ``(V, ...)`` stacks, and each
+        access returns one view drawn with torch's RNG (the training loader's), so every
+        epoch sees a random view of each image.
         """
         views = int(config["cache"]["train_views"])
         dtype = getattr(torch, str(config["cache"].get("feature_dtype", "float32")))
@@ -137,6 +143,7 @@ class DataPipeline:
             [
                 "train_views",
                 views,
+                "train+val classes",
                 {k: config["trunk"].get(k) for k in ("name", "weights", "frozen_blocks", "kwargs")},
                 {k: config["images"].get(k) for k in augmentation},
                 str(dtype),
@@ -148,6 +155,12 @@ class DataPipeline:
 
             def compute() -> CachedDataset:
                 start = time.time()
+                trainval = set(trainval_test_classes(self.source.num_classes)[0])
+                labels = self.source.labels
+                indices = [i for i, y in enumerate(labels) if y in trainval]
+                images = LabelSubset(
+                    self.images(config, train=True), indices, [labels[i] for i in indices]
+                )
                 outputs = []
                 for view in range(views):
                     with torch.random.fork_rng(devices=[]):
@@ -158,14 +171,15 @@ class DataPipeline:
                                 trunk,
                                 device,
                                 dtype,
-                                self.images(config, train=True),
+                                images,
                                 f"caching frozen trunk blocks, view {view + 1} of {views}",
                             )
                         )
-                stacked = torch.stack([o.data for o in outputs], dim=1)  # (N, V, ...)
+                stacked = torch.stack([o.data for o in outputs], dim=1)  # (M, V, ...)
                 self.log(
-                    f"cached {views} augmented views of {trunk.frozen_blocks} frozen trunk "
-                    f"blocks' output {tuple(stacked.shape[1:])} in {time.time() - start:.1f} s"
+                    f"cached {views} augmented views of the {len(indices)} train+val images: "
+                    f"{trunk.frozen_blocks} frozen trunk blocks' output "
+                    f"{tuple(stacked.shape[1:])} in {time.time() - start:.1f} s"
                 )
                 return CachedDataset(stacked, outputs[0].labels)
 

@@ -186,7 +186,8 @@ def _inputs(
         if trunk_is_cacheable(trunk, config):
             features = data.features(config, trunk, device)
             augmented = config["images"].get("augmentation", "none") != "none"
-            train = data.view_features(config, trunk, device) if augmented else features
+            trains = augmented and not is_frozen_method(config)  # a frozen unit needs no views
+            train = data.view_features(config, trunk, device) if trains else features
             return TrunkTail(trunk, trunk.frozen_blocks), train, features
         return trunk, data.images(config, train=True), data.images(config, train=False)
 

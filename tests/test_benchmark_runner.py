@@ -1174,26 +1174,31 @@ def test_init_from_data_clusters_the_training_classes_before_training(tmp_path, 
 
 @needs_cub
 @needs_weights
-def test_augmented_views_of_the_frozen_blocks_are_cached_once_and_drawn_per_access(tmp_path):
+def test_augmented_views_of_the_frozen_blocks_are_cached_once_and_drawn_per_access(
+    tmp_path, monkeypatch
+):
     """cache.train_views: the frozen blocks over V seeded augmented views, one drawn per access."""
     from benchmarks.pipeline import DataPipeline
 
-    views = ["images.augmentation=mlrc", "cache.train_views=3", "dataset.max_classes=2"]
+    views = ["images.augmentation=mlrc", "cache.train_views=3", "dataset.max_classes=4"]
     config = load_config(CONFIGS / "cub_compare.yaml", [*TINY_CUB, *views])
     assert build.caches_frozen_stages(config)
     trunk = build.build_trunk(config["trunk"], 3, tmp_path / "hub")
     data = DataPipeline(config["dataset"], log=lambda s: None, progress=False)
     cached = data.view_features(config, trunk, torch.device("cpu"))
     assert data.view_features(config, trunk, torch.device("cpu")) is cached  # once per process
-    count = len(data.source.labels)
-    assert cached.data.shape[:2] == (count, 3)
+    # only the train+val half (classes 0 and 1 of 4) is cached: nothing trains on a test class
+    trainval = [i for i, y in enumerate(data.source.labels) if y < 2]
+    assert 0 < len(trainval) < len(data.source.labels)
+    assert cached.data.shape[:2] == (len(trainval), 3)
+    assert cached.labels == [data.source.labels[i] for i in trainval]
     # the views are seeded (VIEW_SEED + v): another process, whatever its RNG state, gets them
     torch.manual_seed(12345)
     again = DataPipeline(config["dataset"], log=lambda s: None, progress=False)
     assert torch.equal(again.view_features(config, trunk, torch.device("cpu")).data, cached.data)
     assert not torch.allclose(cached.data[:, 0], cached.data[:, 1])  # different crops
     eval_features = data.features(config, trunk, torch.device("cpu"))
-    assert not torch.allclose(cached.data[:, 0], eval_features.data)
+    assert not torch.allclose(cached.data[:, 0], eval_features.data[trainval])
     # an access returns one of the stored views, drawn with torch's RNG
     torch.manual_seed(0)
     draws = [cached[5][0] for _ in range(30)]
@@ -1205,3 +1210,10 @@ def test_augmented_views_of_the_frozen_blocks_are_cached_once_and_drawn_per_acce
         config, tmp_path / "runs", methods=["global_avg"], log=lambda s: None, progress=False
     )
     assert result["units_run"] == 1 * len(config["seeds"])
+    # an untrained (frozen) unit never asks for the views: it would wait for their cache
+    asked = []
+    monkeypatch.setattr(DataPipeline, "view_features", lambda *a: asked.append(a))
+    result = bench.run_benchmark(
+        config, tmp_path / "runs", methods=["frozen"], log=lambda s: None, progress=False
+    )
+    assert result["units_run"] == len(config["seeds"]) and asked == []
