@@ -20,7 +20,7 @@ from pml_crt.losses import MultiHeadLoss
 from pml_crt.models import GlobalPoolEmbedder, MultiHeadCRT
 
 CONFIGS = Path(__file__).resolve().parents[1] / "benchmarks" / "configs"
-NAMES = ("omniglot7x7_mlrc13", "cub224_mlrc13")
+NAMES = ("omniglot7x7_mlrc13", "cub224_mlrc13", "cars224_mlrc13")
 # MLRC's Table 4, in its order: method prefix -> PML loss class.
 MLRC13 = {
     "contrastive": "ContrastiveLoss",
