@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.losses import MultiSimilarityLoss
 
-from benchmarks.layout import write_atomic
+from benchmarks.protocol.layout import write_atomic
 from pml_crt.models import CRT, GlobalPoolEmbedder
 from pml_crt.utils import param_groups
 from pml_crt.utils.stats import mean_ci95

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.ablation_report import paired_differences, read_separate_rows
-from benchmarks.layout import write_atomic
 from benchmarks.lr_sweep import lr_label
+from benchmarks.protocol.layout import write_atomic
 
 __all__ = ["Candidate", "choose", "grid_cells", "main", "markdown", "plot_grid"]
 

@@ -26,9 +26,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import run
-from benchmarks.config import load_config, method_config
-from benchmarks.layout import write_atomic
+from benchmarks.protocol import runner as run
+from benchmarks.protocol.config import load_config, method_config
+from benchmarks.protocol.layout import write_atomic
 
 __all__ = ["lr_label", "main", "pivot_table", "sweep_config"]
 

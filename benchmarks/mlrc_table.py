@@ -7,7 +7,7 @@ One command, resumable at any point (run it again after an interruption):
 
 1. :func:`benchmarks.tune.search` tunes every method with the same trial budget
    (``tune.trials``) on validation classes, ``--workers`` processes per study;
-2. :func:`benchmarks.run.run_benchmark` trains each method's best configuration for
+2. :func:`benchmarks.protocol.runner.run_benchmark` trains each method's best configuration for
    the config's seeds and folds and tests it on the test classes, the units shared out
    to ``--workers`` processes (``<name>_tuned.md`` and ``.csv`` with ``--publish``);
 3. :func:`mlrc_markdown` writes ``<name>_mlrc.md`` in the layout of MLRC's Table 4
@@ -45,15 +45,16 @@ from typing import Any, NamedTuple
 
 from optuna.trial import TrialState
 
+from benchmarks import tune
+from benchmarks.protocol import runner as run
+from benchmarks.protocol.build import caches_frozen_stages
+from benchmarks.protocol.config import ConfigError, load_config, method_names
+from benchmarks.protocol.layout import write_atomic
+from benchmarks.protocol.provenance import environment, unit_seconds
 from pml_crt.utils.stats import format_mean_ci, mean_ci95
 
-from . import run, tune
 from .ablation_report import paired_differences, seed_table, verdict
-from .build import caches_frozen_stages
 from .cli import mlrc_table_parser
-from .config import ConfigError, load_config, method_names
-from .layout import write_atomic
-from .provenance import environment, unit_seconds
 
 __all__ = [
     "MLRC_LOSSES",
@@ -151,7 +152,7 @@ class MethodBudget(NamedTuple):
 def loss_rows(methods: Sequence[str]) -> list[LossRow]:
     """The table's rows for ``methods``: "Pretrained", MLRC's losses in order, then others.
 
-    Raises :class:`~benchmarks.config.ConfigError` for a method that is neither
+    Raises :class:`~benchmarks.protocol.config.ConfigError` for a method that is neither
     ``frozen`` nor ``<loss>_linear`` / ``<loss>_crt``.
     """
     present = set(methods)

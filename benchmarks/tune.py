@@ -8,7 +8,7 @@ Every method of the config gets its own study with the same trial budget
 (``tune.trials``, or ``--trials``). A trial samples the method's
 ``search_space`` (declared next to the method in the YAML; a top-level
 ``search_space`` applies to every method), trains the runner's units for
-``tune.seeds`` x ``tune.folds`` exactly as :func:`benchmarks.unit.run_unit` does
+``tune.seeds`` x ``tune.folds`` exactly as :func:`benchmarks.protocol.unit.run_unit` does
 (early stopping included) with ``eval.split: val``, so the test classes are
 never embedded, and returns their mean validation ``eval.primary_metric``
 (MAP@R). Each epoch's validation value is reported to the pruner (median or
@@ -70,17 +70,23 @@ import tqdm
 import yaml
 from optuna.trial import TrialState
 
-from benchmarks import run
-from benchmarks.build import check_arguments
 from benchmarks.cli import tune_parser
-from benchmarks.config import ConfigError, UserError, apply_override, load_config, method_config
-from benchmarks.data import load_source
-from benchmarks.layout import CACHE, RESULTS, write_atomic
-from benchmarks.pipeline import DataPipeline
-from benchmarks.preflight import check_methods
-from benchmarks.provenance import environment
-from benchmarks.resume import check_previous
-from benchmarks.unit import run_unit
+from benchmarks.protocol import runner as run
+from benchmarks.protocol.build import check_arguments
+from benchmarks.protocol.config import (
+    ConfigError,
+    UserError,
+    apply_override,
+    load_config,
+    method_config,
+)
+from benchmarks.protocol.data import load_source
+from benchmarks.protocol.layout import CACHE, RESULTS, write_atomic
+from benchmarks.protocol.pipeline import DataPipeline
+from benchmarks.protocol.preflight import check_methods
+from benchmarks.protocol.provenance import environment
+from benchmarks.protocol.resume import check_previous
+from benchmarks.protocol.unit import run_unit
 from pml_crt.utils.validation import NonFiniteError
 
 __all__ = [
@@ -239,9 +245,10 @@ def check_search(
 ) -> None:
     """Everything :func:`search` can check before its first trial (a ``UserError`` if not).
 
-    The data root, each method's arguments and batch (:func:`~benchmarks.preflight.check_methods`
-    on the tuning folds), and every search-space key with a value of its space put in, so
-    that a key the method's class does not take is named before any trial.
+    The data root, each method's arguments and batch
+    (:func:`~benchmarks.protocol.preflight.check_methods` on the tuning folds), and every
+    search-space key with a value of its space put in, so that a key the method's class
+    does not take is named before any trial.
     """
     source = load_source(config["dataset"])
     check_methods(config, names, source.num_classes, config["tune"]["folds"])
@@ -566,7 +573,7 @@ def tune_method(
 
 
 def unit_runner(config: Mapping[str, Any], out: Path, device: Any, progress: bool) -> UnitRunner:
-    """:func:`benchmarks.unit.run_unit` for a trial's units, with the data loaded once.
+    """:func:`benchmarks.protocol.unit.run_unit` for a trial's units, with the data loaded once.
 
     A unit that finished before (``results.json``, same config) is read back,
     not trained again: a re-queued trial continues where its attempt stopped.

@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from benchmarks import mlrc_table
-from benchmarks.config import ConfigError, load_config
 from benchmarks.mlrc_table import MethodBudget, loss_rows
+from benchmarks.protocol.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

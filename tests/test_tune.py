@@ -32,11 +32,11 @@ from optuna.trial import TrialState
 from pytorch_metric_learning import testers
 
 from benchmarks import tune
-from benchmarks.config import load_config, method_config, method_names
-from benchmarks.layout import RESULTS
-from benchmarks.pipeline import DataPipeline
-from benchmarks.results import table_header
-from benchmarks.splits import mlrc_split
+from benchmarks.protocol.config import load_config, method_config, method_names
+from benchmarks.protocol.layout import RESULTS
+from benchmarks.protocol.pipeline import DataPipeline
+from benchmarks.protocol.results import table_header
+from benchmarks.protocol.splits import mlrc_split
 from pml_crt.utils.validation import NonFiniteError
 from tests.test_benchmark_resume import _kill_at_marker, _marker_epoch, _start, _wait_for_marker
 
@@ -250,7 +250,7 @@ def test_best_yaml_holds_what_was_searched_and_the_table_says_so(tmp_path):
 @needs_omniglot
 @pytest.mark.slow
 def test_a_narrowed_search_then_run_publishes_a_true_budget_sentence(tmp_path):
-    from benchmarks import run as run_command
+    from benchmarks.protocol import runner as run_command
 
     methods = {
         "a": TINY["methods"]["global_pool"],

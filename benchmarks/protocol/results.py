@@ -309,7 +309,7 @@ def publish_results(
     write_atomic(folder / f"{name}.csv", results_csv(rows, metrics))
     if run_root is not None:
         try:
-            from .plots import write_plots
+            from benchmarks.plots import write_plots
 
             write_plots(run_root, folder, name)
         except Exception as error:  # e.g. matplotlib missing: the results are safe already

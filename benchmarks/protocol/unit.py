@@ -4,7 +4,7 @@
 batches, the method's PML loss and miner), validates every ``test_interval`` epochs
 with ``testers.GlobalEmbeddingSpaceTester`` through ``logging_presets.HookContainer``
 (record-keeper logs, best checkpoint by validation MAP@R, early stopping with
-``patience``), writes a resume point after every validation (:mod:`benchmarks.resume`),
+``patience``), writes a resume point after every validation (:mod:`benchmarks.protocol.resume`),
 reloads the best checkpoint, evaluates it on the reported classes and writes
 ``results.json``. ``benchmarks.run`` runs every unit of a config with it and
 ``benchmarks.tune`` the units of its trials.
@@ -505,7 +505,7 @@ def run_unit(
     continues from that epoch; any other unfinished unit folder is started over.
     Under ``torchrun`` every rank calls it; rank 0 alone writes the folder and
     returns the results, the other ranks train with it and return ``None``
-    (see :mod:`benchmarks.distributed`).
+    (see :mod:`benchmarks.protocol.distributed`).
 
     ``on_validation(epoch, value)`` (single process only) is called after each
     validation with the epoch's value of ``eval.primary_metric``, before the
