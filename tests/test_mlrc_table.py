@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmarks import mlrc_table
-from benchmarks.mlrc_table import MethodBudget, loss_rows
 from benchmarks.protocol.config import ConfigError, load_config
+from benchmarks.search import mlrc_table
+from benchmarks.search.mlrc_table import MethodBudget, loss_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

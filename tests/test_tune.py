@@ -31,12 +31,12 @@ import yaml
 from optuna.trial import TrialState
 from pytorch_metric_learning import testers
 
-from benchmarks import tune
 from benchmarks.protocol.config import load_config, method_config, method_names
 from benchmarks.protocol.layout import RESULTS
 from benchmarks.protocol.pipeline import DataPipeline
 from benchmarks.protocol.results import table_header
 from benchmarks.protocol.splits import mlrc_split
+from benchmarks.search import tune
 from pml_crt.utils.validation import NonFiniteError
 from tests.test_benchmark_resume import _kill_at_marker, _marker_epoch, _start, _wait_for_marker
 
