@@ -300,8 +300,9 @@ def publish_results(
 ) -> None:
     """Write ``<folder>/<name>.md`` (table + how it was made) and ``<folder>/<name>.csv``.
 
-    With ``run_root``, then the plots of ``benchmarks.plots.write_plots`` (``<name>_*.png``);
-    a plotting failure only warns: the table and values are already written.
+    With ``run_root``, then the plots of ``benchmarks.reports.plots.write_plots``
+    (``<name>_*.png``); a plotting failure only warns: the table and values are already
+    written.
     """
     provenance = published_provenance(name, device, command, run_root)
     folder.mkdir(parents=True, exist_ok=True)
@@ -309,7 +310,7 @@ def publish_results(
     write_atomic(folder / f"{name}.csv", results_csv(rows, metrics))
     if run_root is not None:
         try:
-            from benchmarks.plots import write_plots
+            from benchmarks.reports.plots import write_plots
 
             write_plots(run_root, folder, name)
         except Exception as error:  # e.g. matplotlib missing: the results are safe already

@@ -29,8 +29,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.ablation_report import paired_differences, read_separate_rows
 from benchmarks.protocol.layout import write_atomic
+from benchmarks.reports.ablation_report import paired_differences, read_separate_rows
 from benchmarks.search.lr_sweep import lr_label
 
 __all__ = ["Candidate", "choose", "grid_cells", "main", "markdown", "plot_grid"]

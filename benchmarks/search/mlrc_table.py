@@ -40,13 +40,13 @@ from typing import Any, NamedTuple
 
 from optuna.trial import TrialState
 
-from benchmarks.ablation_report import paired_differences, seed_table, verdict
 from benchmarks.cli import mlrc_table_parser
 from benchmarks.protocol.build import caches_frozen_stages
 from benchmarks.protocol.config import ConfigError, load_config, method_names
 from benchmarks.protocol.layout import write_atomic
 from benchmarks.protocol.provenance import environment, unit_seconds
 from benchmarks.protocol.runner import run_benchmark, run_command, select_methods
+from benchmarks.reports.ablation_report import paired_differences, seed_table, verdict
 from benchmarks.search import tune
 from pml_crt.utils.stats import format_mean_ci, mean_ci95
 
@@ -348,7 +348,7 @@ def plot_mlrc(
     rows: Sequence[Mapping[str, Any]], groups: Sequence[LossRow], path: Path, title: str
 ) -> Path:
     """Per loss, linear and MultiHeadCRT test MAP@R ("separate") with 95% CI bars."""
-    from benchmarks.plots import DPI, _figure
+    from benchmarks.reports.plots import DPI, _figure
 
     table = seed_table(rows, "separate", METRICS)
 
