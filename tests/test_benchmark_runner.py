@@ -50,9 +50,11 @@ from benchmarks.protocol.config import (
     parse_override,
 )
 from benchmarks.protocol.data import TransformedDataset, class_subset, load_source, pil_transform
+from benchmarks.protocol.execution import worker_threads
 from benchmarks.protocol.layout import unit_dir
 from benchmarks.protocol.metrics import BenchmarkAccuracyCalculator
 from benchmarks.protocol.results import publish_results
+from benchmarks.protocol.workers import local_processes
 from pml_crt.losses import MultiHeadLoss
 from pml_crt.models import MultiHeadCRT
 from pml_crt.trunks import feature_map_trunk
@@ -688,7 +690,7 @@ def test_worker_processes_end_when_their_parent_is_killed(tmp_path):
             sys.executable,
             "-c",
             "import time\n"
-            "from benchmarks.protocol.runner import local_processes\n"
+            "from benchmarks.protocol.workers import local_processes\n"
             "with local_processes(time.sleep, (600,), 1) as processes:\n"
             "    print(processes[0].pid, flush=True)\n"
             "    time.sleep(600)\n",
@@ -721,9 +723,9 @@ def _alive(pid: int) -> bool:
 
 def test_a_failing_worker_process_is_an_error():
     with pytest.raises(RuntimeError, match=r"2 of 2 worker processes exited with \[3, 3\]"):
-        with bench.local_processes(_exit_with, (3,), 2):
+        with local_processes(_exit_with, (3,), 2):
             pass
-    with bench.local_processes(_exit_with, (0,), 2) as processes:
+    with local_processes(_exit_with, (0,), 2) as processes:
         pass
     assert [p.exitcode for p in processes] == [0, 0]
 
@@ -740,7 +742,7 @@ def test_worker_processes_log_pml_at_their_parents_level(level: int):
     before = pml.level
     pml.setLevel(level)
     try:
-        with bench.local_processes(_send_pml_log_level, (levels,), 1):
+        with local_processes(_send_pml_log_level, (levels,), 1):
             pass
     finally:
         pml.setLevel(before)
@@ -752,9 +754,9 @@ def test_workers_share_the_cores_this_process_may_use(monkeypatch, cores, worker
     """A container or ``taskset`` can allow fewer cores than the machine has."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
-    assert bench.worker_threads({"name": "x"}, workers) == {"name": "x", "threads": threads}
-    assert bench.worker_threads({"threads": 8}, workers) == {"threads": 8}
-    assert bench.worker_threads({"name": "x"}, 1) == {"name": "x"}
+    assert worker_threads({"name": "x"}, workers) == {"name": "x", "threads": threads}
+    assert worker_threads({"threads": 8}, workers) == {"threads": 8}
+    assert worker_threads({"name": "x"}, 1) == {"name": "x"}
 
 
 def _fake_cars(root: Path, classes: int = 8, per_class: int = 3) -> None:

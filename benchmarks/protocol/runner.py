@@ -18,77 +18,58 @@ are combined ("separate": mean over fold models; "concatenated": the fold
 models' L2-normalised embeddings concatenated) and a markdown table (mean ±
 95% CI over seeds) is printed and written to ``table.md`` and ``results.csv``.
 
-This module is the command line and the loop over units; in this package a unit is
-:mod:`~benchmarks.protocol.unit`, resuming :mod:`~benchmarks.protocol.resume`, tables
-and publishing :mod:`~benchmarks.protocol.results`, provenance
-:mod:`~benchmarks.protocol.provenance`, the data :mod:`~benchmarks.protocol.pipeline`
-and the run folder's file names :mod:`~benchmarks.protocol.layout`.
+This module is the command line and the loop over units, in this process or shared out
+to local workers; in this package a unit is :mod:`~benchmarks.protocol.unit`, the
+device, threads and progress bars :mod:`~benchmarks.protocol.execution`, the worker
+processes :mod:`~benchmarks.protocol.workers`, resuming
+:mod:`~benchmarks.protocol.resume`, tables and publishing
+:mod:`~benchmarks.protocol.results`, provenance :mod:`~benchmarks.protocol.provenance`,
+the data :mod:`~benchmarks.protocol.pipeline` and the run folder's file names
+:mod:`~benchmarks.protocol.layout`.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import multiprocessing
-import multiprocessing.connection
 import os
 import queue
 import shlex
 import sys
-import threading
 import time
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any
 
 import torch
 import tqdm
 
-from benchmarks.cli import run_parser
+from benchmarks.cli import run_command, run_parser
 
 from . import distributed as ddp
 from .build import is_frozen_method
 from .config import ConfigError, UserError, load_config, method_config, method_names
+from .execution import (
+    compute_threads,
+    config_device,
+    hide_trainer_warning,
+    progress_bars,
+    worker_threads,
+)
 from .layout import CACHE, RESULTS, Log, unit_dir, unit_folds
 from .pipeline import DataPipeline
 from .preflight import check_methods
 from .results import combine, publish_results, table_header, write_results
 from .resume import check_previous
 from .unit import report_split, run_unit
+from .workers import LOG_FORMAT, local_processes
 
-__all__ = [
-    "cli_command",
-    "compute_threads",
-    "config_device",
-    "exit_with",
-    "hide_trainer_warning",
-    "local_processes",
-    "main",
-    "progress_bars",
-    "run_benchmark",
-    "run_command",
-    "select_methods",
-    "worker_threads",
-]
-
-T = TypeVar("T")
-
-LOG_FORMAT = "%(name)s %(levelname)s: %(message)s"  # of every process's log lines
-INTERRUPT_GRACE_S = 30.0  # after Ctrl-C, how long workers may take to stop by themselves
+__all__ = ["cli_command", "main", "run_benchmark", "select_methods"]
 
 
 # --------------------------------------------------------------------------- running
-
-
-def config_device(config: Mapping[str, Any]) -> torch.device:
-    """The config's ``device``; ``auto`` is CUDA when available, else the CPU."""
-    name = str(config.get("device", "auto"))
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def select_methods(config: Mapping[str, Any], methods: Sequence[str] | None) -> list[str]:
@@ -100,83 +81,6 @@ def select_methods(config: Mapping[str, Any], methods: Sequence[str] | None) -> 
             raise UserError(f"--methods: unknown methods {unknown}; the config has {names}")
         names = [m for m in names if m in methods]
     return names
-
-
-@contextlib.contextmanager
-def compute_threads(count: int | None) -> Iterator[None]:
-    """Run the block with ``count`` CPU threads in torch and faiss; ``None``: as they are.
-
-    Results depend on the thread count (it changes how sums are split, so their rounding),
-    hence ``threads`` in a config pins both. The caller's counts are restored afterwards.
-    """
-    if count is None:
-        yield
-        return
-    if count < 1:
-        raise ConfigError(f"threads must be a positive integer or null, got {count!r}")
-    try:
-        import faiss
-    except ImportError:
-        faiss = None
-    before = torch.get_num_threads(), faiss.omp_get_max_threads() if faiss else None
-    torch.set_num_threads(count)
-    if faiss is not None:
-        faiss.omp_set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before[0])
-        if faiss is not None:
-            faiss.omp_set_num_threads(before[1])
-
-
-def hide_trainer_warning() -> None:
-    """Hide the warning PML's trainer raises each time it formats a loss that requires grad
-    into its progress bar; a spawned process does not inherit its parent's filters."""
-    warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True")
-
-
-def available_cores() -> int:
-    """The cores this process may run on: its affinity mask (a container's CPU set, a
-    ``taskset``) where the OS has one, else every core of the machine."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def worker_threads(config: Mapping[str, Any], workers: int) -> dict[str, Any]:
-    """``config`` for one of ``workers`` local processes: an equal share of the cores this
-    process may use (:func:`available_cores`) unless ``threads`` pins the count."""
-    if workers == 1 or config.get("threads") is not None:
-        return dict(config)
-    return {**config, "threads": max(1, available_cores() // workers)}
-
-
-class _HiddenBar(tqdm.tqdm):
-    """A tqdm bar that draws nothing, whatever its caller asks."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **{**kwargs, "disable": True})
-
-
-@contextlib.contextmanager
-def progress_bars(shown: bool) -> Iterator[None]:
-    """Run the block with (``shown``) or without every tqdm progress bar.
-
-    PML's trainers and testers create their bars inside ``train`` and
-    ``compute_all_embeddings`` with no option to hide them (and tqdm reads
-    ``TQDM_DISABLE`` only when it is imported), so without bars ``tqdm.tqdm``,
-    which they call, is a bar that draws nothing until the block ends.
-    """
-    if shown:
-        yield
-        return
-    original = tqdm.tqdm
-    tqdm.tqdm = _HiddenBar
-    try:
-        yield
-    finally:
-        tqdm.tqdm = original
 
 
 def run_benchmark(
@@ -314,23 +218,6 @@ def _run_all(
     return _run_in_workers(run, pending, spawned, progress), skipped
 
 
-def _exit_with_parent() -> None:
-    """In a spawned worker: end this process as soon as its parent is gone.
-
-    A parent killed without a chance to stop its workers (SIGKILL, the OOM killer)
-    would otherwise leave them training, and a rerun would start more on the same folders.
-    """
-    parent = multiprocessing.parent_process()
-    if parent is None:
-        return
-
-    def watch() -> None:
-        multiprocessing.connection.wait([parent.sentinel])
-        os._exit(1)
-
-    threading.Thread(target=watch, name="parent watch", daemon=True).start()
-
-
 def _unit_worker(
     config: Mapping[str, Any],
     root: Path,
@@ -365,52 +252,6 @@ def _unit_worker(
     except KeyboardInterrupt:
         raise SystemExit(130) from None
     messages.put(("ran", ran))
-
-
-def _watched(target: Callable[..., None], args: tuple[Any, ...], pml_log_level: int) -> None:
-    """A worker process's body: ``target(*args)``, ended if the parent dies first, with
-    the parent's level for PML's logger (``--verbose``), which a spawned process does not
-    inherit."""
-    _exit_with_parent()
-    logging.basicConfig(format=LOG_FORMAT)
-    logging.getLogger("PML").setLevel(pml_log_level)
-    target(*args)
-
-
-@contextlib.contextmanager
-def local_processes(
-    target: Callable[..., None], args: tuple[Any, ...], count: int
-) -> Iterator[list[multiprocessing.process.BaseProcess]]:
-    """``count`` spawned processes, each running ``target(*args)``, for the block.
-
-    Each logs PML's messages at this process's level and ends by itself when this process
-    dies without stopping it. Leaving the block joins them. When the block raised they are
-    terminated first; on Ctrl-C (which they receive too) they get ``INTERRUPT_GRACE_S``
-    seconds to stop by themselves. A process that exited with a nonzero status is a
-    RuntimeError.
-    """
-    context = multiprocessing.get_context("spawn")
-    processes: list[multiprocessing.process.BaseProcess] = []
-    try:
-        for _ in range(count):
-            level = logging.getLogger("PML").getEffectiveLevel()
-            processes.append(context.Process(target=_watched, args=(target, args, level)))
-            processes[-1].start()
-        yield processes
-    except BaseException as error:
-        if isinstance(error, KeyboardInterrupt):
-            for process in processes:
-                process.join(timeout=INTERRUPT_GRACE_S)
-        for process in processes:
-            if process.is_alive():
-                process.terminate()
-        raise
-    finally:
-        for process in processes:
-            process.join()
-    failed = [p.exitcode for p in processes if p.exitcode != 0]
-    if failed:
-        raise RuntimeError(f"{len(failed)} of {count} worker processes exited with {failed}")
 
 
 def _run_in_workers(run: _Run, units: Sequence[Unit], workers: int, progress: bool) -> int:
@@ -567,25 +408,3 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         )
 
     return run_command("benchmarks.run", benchmark, interrupted)
-
-
-def run_command(prog: str, action: Callable[[], T], interrupted: str) -> T:
-    """``action()`` as a command line's body, the way ``benchmarks.run`` and ``.tune`` end.
-
-    A :class:`~benchmarks.protocol.config.UserError` prints ``<prog>: error: <message>`` as one
-    line and exits with status 2, as argparse does; Ctrl-C prints ``interrupted`` (how
-    to resume) and exits with 130. Any other exception is a bug and propagates.
-    """
-    try:
-        return action()
-    except UserError as error:
-        exit_with(2, "error: " + " ".join(str(error).splitlines()), prog)
-    except KeyboardInterrupt:
-        exit_with(130, interrupted, prog)
-
-
-def exit_with(status: int, message: str, prog: str = "benchmarks.run") -> NoReturn:
-    """Print ``<prog>: <message>`` to stderr (rank 0 only) and exit with ``status``."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"{prog}: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(status)

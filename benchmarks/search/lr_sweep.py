@@ -26,9 +26,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.cli import run_command
 from benchmarks.protocol.config import load_config, method_config
 from benchmarks.protocol.layout import write_atomic
-from benchmarks.protocol.runner import run_benchmark, run_command, select_methods
+from benchmarks.protocol.runner import run_benchmark, select_methods
 
 __all__ = ["lr_label", "main", "pivot_table", "sweep_config"]
 

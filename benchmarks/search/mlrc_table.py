@@ -40,12 +40,12 @@ from typing import Any, NamedTuple
 
 from optuna.trial import TrialState
 
-from benchmarks.cli import mlrc_table_parser
+from benchmarks.cli import mlrc_table_parser, run_command
 from benchmarks.protocol.build import caches_frozen_stages
 from benchmarks.protocol.config import ConfigError, load_config, method_names
 from benchmarks.protocol.layout import write_atomic
 from benchmarks.protocol.provenance import environment, unit_seconds
-from benchmarks.protocol.runner import run_benchmark, run_command, select_methods
+from benchmarks.protocol.runner import run_benchmark, select_methods
 from benchmarks.reports.ablation_report import paired_differences, seed_table, verdict
 from benchmarks.search import tune
 from pml_crt.utils.stats import format_mean_ci, mean_ci95

@@ -65,7 +65,7 @@ import tqdm
 import yaml
 from optuna.trial import TrialState
 
-from benchmarks.cli import tune_parser
+from benchmarks.cli import run_command, tune_parser
 from benchmarks.protocol.build import check_arguments
 from benchmarks.protocol.config import (
     ConfigError,
@@ -75,22 +75,21 @@ from benchmarks.protocol.config import (
     method_config,
 )
 from benchmarks.protocol.data import load_source
+from benchmarks.protocol.execution import (
+    compute_threads,
+    config_device,
+    hide_trainer_warning,
+    progress_bars,
+    worker_threads,
+)
 from benchmarks.protocol.layout import CACHE, RESULTS, write_atomic
 from benchmarks.protocol.pipeline import DataPipeline
 from benchmarks.protocol.preflight import check_methods
 from benchmarks.protocol.provenance import environment
 from benchmarks.protocol.resume import check_previous
-from benchmarks.protocol.runner import (
-    compute_threads,
-    config_device,
-    hide_trainer_warning,
-    local_processes,
-    progress_bars,
-    run_command,
-    select_methods,
-    worker_threads,
-)
+from benchmarks.protocol.runner import select_methods
 from benchmarks.protocol.unit import run_unit
+from benchmarks.protocol.workers import local_processes
 from pml_crt.utils.validation import NonFiniteError
 
 __all__ = [
