@@ -15,7 +15,7 @@ from pytorch_metric_learning import losses, miners, regularizers
 
 from benchmarks.protocol.build import build_embedder, build_loss, build_optimizers, is_frozen_method
 from benchmarks.protocol.config import load_config, method_config, method_names
-from benchmarks.search.tune import apply_params, search_space
+from benchmarks.search.space import apply_params, search_space
 from pml_crt.losses import MultiHeadLoss
 from pml_crt.models import GlobalPoolEmbedder, MultiHeadCRT
 

@@ -31,7 +31,8 @@ from pathlib import Path
 
 from benchmarks.protocol.layout import write_atomic
 from benchmarks.reports.ablation_report import paired_differences, read_separate_rows
-from benchmarks.search.lr_sweep import lr_label
+
+from .lr_sweep import lr_label
 
 __all__ = ["Candidate", "choose", "grid_cells", "main", "markdown", "plot_grid"]
 

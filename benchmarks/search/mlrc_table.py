@@ -47,8 +47,10 @@ from benchmarks.protocol.layout import write_atomic
 from benchmarks.protocol.provenance import environment, unit_seconds
 from benchmarks.protocol.runner import run_benchmark, select_methods
 from benchmarks.reports.ablation_report import paired_differences, seed_table, verdict
-from benchmarks.search import tune
 from pml_crt.utils.stats import format_mean_ci, mean_ci95
+
+from . import tune
+from .trials import counted_trials, trial_minutes
 
 __all__ = [
     "MLRC_LOSSES",
@@ -397,12 +399,12 @@ def method_budgets(
     out = {}
     for name in names:
         study = studies.get(name)
-        counted = tune.counted_trials(study, budget) if study is not None else []
+        counted = counted_trials(study, budget) if study is not None else []
         pruned = sum(t.state == TrialState.PRUNED for t in counted)
         out[name] = MethodBudget(
             complete=len(counted) - pruned,
             pruned=pruned,
-            tuning_min=tune.trial_minutes(study) if study is not None else 0.0,
+            tuning_min=trial_minutes(study) if study is not None else 0.0,
             final_min=sum(unit_seconds(run_root, name)) / 60,
         )
     return out
