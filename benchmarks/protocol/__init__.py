@@ -4,13 +4,16 @@ A YAML config (:mod:`~benchmarks.protocol.config`) names a dataset, whose classe
 split by position (:mod:`~benchmarks.protocol.splits`) and loaded once per process as
 cached images and frozen-trunk features (:mod:`~benchmarks.protocol.data`,
 :mod:`~benchmarks.protocol.cache`, :mod:`~benchmarks.protocol.pipeline`); each method's
-stock PML parts are built from it (:mod:`~benchmarks.protocol.build`), checked before
-anything runs (:mod:`~benchmarks.protocol.preflight`), and every (method, seed, fold)
-unit is trained and tested (:mod:`~benchmarks.protocol.unit`, with Recall@K from
-:mod:`~benchmarks.protocol.metrics`, resume points from
-:mod:`~benchmarks.protocol.resume`, DDP from :mod:`~benchmarks.protocol.distributed`)
-in one process or several (:mod:`~benchmarks.protocol.runner`). The units' results are
-combined into tables and CSV (:mod:`~benchmarks.protocol.results`) with their provenance
-(:mod:`~benchmarks.protocol.provenance`), in a run folder whose file names
+stock PML parts are built from it (:mod:`~benchmarks.protocol.build`) and checked before
+anything runs (:mod:`~benchmarks.protocol.preflight`). Every (method, seed, fold) unit
+is trained and tested (:mod:`~benchmarks.protocol.unit`) on the classes and metrics
+that :mod:`~benchmarks.protocol.evaluation` names, Recall@K from
+:mod:`~benchmarks.protocol.metrics`, with resume points
+(:mod:`~benchmarks.protocol.resume`) and under ``torchrun``
+(:mod:`~benchmarks.protocol.distributed`); :mod:`~benchmarks.protocol.runner` runs the
+units in one process or in local workers (:mod:`~benchmarks.protocol.workers`), each
+with its device and threads (:mod:`~benchmarks.protocol.execution`). The units' results
+are combined into tables and CSV (:mod:`~benchmarks.protocol.results`) with their
+provenance (:mod:`~benchmarks.protocol.provenance`), in a run folder whose file names
 :mod:`~benchmarks.protocol.layout` fixes. ``python -m benchmarks.run`` is its command.
 """

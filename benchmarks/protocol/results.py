@@ -25,10 +25,10 @@ from pml_crt.utils.stats import format_mean_ci, mean_ci95
 
 from .config import method_config, method_names
 from .data import Source
+from .evaluation import make_calculator, metric_values, report_split
 from .layout import EMBEDDINGS, RESULTS, unit_dir, unit_folds, write_atomic
 from .metrics import BenchmarkAccuracyCalculator
 from .provenance import published_provenance
-from .unit import make_calculator, metric_values, report_split
 
 __all__ = [
     "TABLE_METRICS",

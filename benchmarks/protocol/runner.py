@@ -51,6 +51,7 @@ from benchmarks.cli import run_command, run_parser
 from . import distributed as ddp
 from .build import is_frozen_method
 from .config import ConfigError, UserError, load_config, method_config, method_names
+from .evaluation import report_split
 from .execution import (
     compute_threads,
     config_device,
@@ -63,7 +64,7 @@ from .pipeline import DataPipeline
 from .preflight import check_methods
 from .results import combine, publish_results, table_header, write_results
 from .resume import check_previous
-from .unit import report_split, run_unit
+from .unit import run_unit
 from .workers import LOG_FORMAT, local_processes
 
 __all__ = ["cli_command", "main", "run_benchmark", "select_methods"]
