@@ -23,7 +23,7 @@ from benchmarks.protocol.config import ConfigError, method_names
 from benchmarks.protocol.provenance import environment
 from pml_crt.utils.stats import format_mean_ci, mean_ci95
 
-from .ablation_report import paired_differences, seed_table, verdict
+from .paired import paired_differences, seed_table, verdict
 
 __all__ = [
     "EVALUATIONS",

@@ -17,7 +17,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from .ablation_report import paired_differences, read_separate_rows, verdict
+from .paired import paired_differences, read_separate_rows, verdict
 
 __all__ = ["BENCHMARKS", "HEADS", "MARKERS", "main", "readme_with", "table"]
 

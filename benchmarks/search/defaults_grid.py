@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.protocol.layout import write_atomic
-from benchmarks.reports.ablation_report import paired_differences, read_separate_rows
+from benchmarks.reports.paired import paired_differences, read_separate_rows
 
 from .lr_sweep import lr_label
 
