@@ -22,8 +22,10 @@ import json
 import os
 from pathlib import Path
 
+from benchmarks.reports.markdown import markdown_table
+
 from .common import DEFAULT_OUT
-from .report_common import FLOP_TARGET, NETVLAD_TARGET, point_label, ratio, table
+from .report_common import FLOP_TARGET, NETVLAD_TARGET, point_label, ratio
 from .report_comparisons import changes_section, compile_section, eval_section, step_time_section
 from .report_head_cost import head_cost_section, op_role
 
@@ -36,7 +38,7 @@ def machine_section(runs: dict[str, dict]) -> str:
     first = next(iter(runs.values()))["machine"]
     out = ["## Machine and reproduction", ""]
     out.append(
-        table(
+        markdown_table(
             [
                 "CPU",
                 "logical CPUs",
@@ -81,7 +83,7 @@ def machine_section(runs: dict[str, dict]) -> str:
             ]
         )
     out.append(
-        table(
+        markdown_table(
             ["result", "command", "torch threads", "started", "took (s)", "load start", "load end"],
             rows,
         )

@@ -1,21 +1,12 @@
-"""What every section of ``perf.md`` shares: number formats, the Markdown table, the targets."""
+"""What every section of ``perf.md`` shares: number formats and the targets."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
-__all__ = ["FLOP_TARGET", "NETVLAD_TARGET", "MiB", "mib", "ms", "point_label", "ratio", "table"]
+__all__ = ["FLOP_TARGET", "NETVLAD_TARGET", "MiB", "mib", "ms", "point_label", "ratio"]
 
 MiB = 2**20
 FLOP_TARGET = 0.5
 NETVLAD_TARGET = 1.5
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def ms(seconds: float) -> str:

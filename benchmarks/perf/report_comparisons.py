@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .report_common import mib, ms, ratio, table
+from benchmarks.reports.markdown import markdown_table
+
+from .report_common import mib, ms, ratio
 from .report_plots import plot_eval
 
 __all__ = ["changes_section", "compile_section", "eval_section", "step_time_section"]
@@ -35,7 +37,7 @@ def compile_section(cp: dict) -> str:
             ]
         )
     out.append(
-        table(
+        markdown_table(
             [
                 "case",
                 "input",
@@ -84,7 +86,7 @@ def eval_section(es: dict, folder: Path, rel: str) -> str:
         )
     metric_names = sorted(es["methods"][0]["metrics"])
     out.append(
-        table(
+        markdown_table(
             ["method", "CPU s", "wall s", "x fastest", "peak RSS GiB", "extra GiB", *metric_names],
             rows,
         )
@@ -123,7 +125,7 @@ def eval_section(es: dict, folder: Path, rel: str) -> str:
             ]
             for r in lc["rows"] + [lc["per_class_at_full_size"]]
         ]
-        out.append(table(["counting", "N", "classes", "CPU s", "extra peak MiB"], rows))
+        out.append(markdown_table(["counting", "N", "classes", "CPU s", "extra peak MiB"], rows))
         out += [
             "",
             f"Stock counting costs {lc['stock_bytes_per_pair']:.2f} bytes per (class, image) "
@@ -163,7 +165,7 @@ def step_time_section(st: dict) -> str:
             ]
         )
     header = ["step", "input", "baseline ms", "now ms", "now / baseline", "host reads", "load"]
-    out += [table(header, rows), ""]
+    out += [markdown_table(header, rows), ""]
     return "\n".join(out)
 
 
@@ -189,7 +191,7 @@ def changes_section(mc: dict) -> str:
         for c in mc["cases"]
     ]
     out.append(
-        table(
+        markdown_table(
             [
                 "module",
                 "input",

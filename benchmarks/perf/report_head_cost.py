@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .report_common import FLOP_TARGET, NETVLAD_TARGET, MiB, mib, ms, point_label, ratio, table
+from benchmarks.reports.markdown import markdown_table
+
+from .report_common import FLOP_TARGET, NETVLAD_TARGET, MiB, mib, ms, point_label, ratio
 from .report_plots import plot_memory, plot_sweeps
 
 __all__ = ["head_cost_section", "op_role"]
@@ -79,7 +81,7 @@ def _head_cost_base(hc: dict) -> list[str]:
             ]
         )
     out.append(
-        table(
+        markdown_table(
             [
                 "head",
                 "ms",
@@ -117,7 +119,7 @@ def _head_cost_sweeps(hc: dict, folder: Path, rel: str) -> list[str]:
             ]
         )
     out.append(
-        table(
+        markdown_table(
             ["varied", "point"]
             + [f"{h} ms" for h in hc["heads"]]
             + ["CRT / NetVLAD"]
@@ -154,7 +156,7 @@ def _head_cost_targets(hc: dict) -> list[str]:
             f"{sum(r <= NETVLAD_TARGET for r in crt_nv)} of {len(crt_nv)} points",
         ]
     )
-    return ["### Targets", "", table(["target", "measured", "met"], rows)]
+    return ["### Targets", "", markdown_table(["target", "measured", "met"], rows)]
 
 
 def _head_cost_trunk(trunk: dict | None) -> list[str]:
@@ -184,7 +186,7 @@ def _head_cost_trunk(trunk: dict | None) -> list[str]:
         ]
         for h, e in trunk["heads"].items()
     ]
-    return out + [table(["head", "ms", "x trunk step", "share of trunk + head"], rows), ""]
+    return out + [markdown_table(["head", "ms", "x trunk step", "share of trunk + head"], rows), ""]
 
 
 def _head_cost_profiles(hc: dict) -> list[str]:
@@ -206,7 +208,7 @@ def _head_cost_profiles(hc: dict) -> list[str]:
             for r in prof["top"]
         ]
         out += [
-            table(["op", "role", "input shapes", "calls/step", "ms/step", "share"], rows),
+            markdown_table(["op", "role", "input shapes", "calls/step", "ms/step", "share"], rows),
             "",
         ]
     return out
@@ -235,7 +237,7 @@ def _head_cost_memory(hc: dict, folder: Path, rel: str) -> list[str]:
             ]
         )
     out.append(
-        table(
+        markdown_table(
             [
                 "varied",
                 "values",
@@ -253,7 +255,7 @@ def _head_cost_memory(hc: dict, folder: Path, rel: str) -> list[str]:
             f"{fit['n_points']} measured configurations (bytes per element of each term): "
             f"R² {fit['r2']:.5f}, largest relative error {100 * fit['max_relative_error']:.1f}%.",
             "",
-            table(fit["terms"], [[f"{c:.3g}" for c in fit["bytes_per_element"]]]),
+            markdown_table(fit["terms"], [[f"{c:.3g}" for c in fit["bytes_per_element"]]]),
             "",
         ]
     return out + [f"![memory]({rel}/{plot_memory(hc, folder)})", ""]
@@ -289,7 +291,7 @@ def _head_cost_input_check(hc: dict) -> list[str]:
         "share of avg head step",
         "share of CRT step",
     ]
-    return ["### The input check", "", table(headers, rows)]
+    return ["### The input check", "", markdown_table(headers, rows)]
 
 
 def _head_cost_allocator(alloc: dict) -> list[str]:
@@ -311,7 +313,9 @@ def _head_cost_allocator(alloc: dict) -> list[str]:
         ]
         for name, e in alloc["settings"].items()
     ]
-    out.append(table(["setting", "ms per step", "x default", "minor page faults per step"], rows))
+    out.append(
+        markdown_table(["setting", "ms per step", "x default", "minor page faults per step"], rows)
+    )
     return out + [""]
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.reports.markdown import markdown_table
 from pml_crt.utils.stats import format_mean_ci, mean_ci95
 
 from .config import method_config, method_names
@@ -205,7 +206,7 @@ def results_table(rows: Sequence[Mapping[str, Any]], seeds: Sequence[int]) -> st
         + (["evaluation"] if show_evaluation else [])
         + [TABLE_METRICS[m] for m in columns]
     )
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    body = []
     for (method, evaluation), group in groups.items():
         cells = [method] + ([_EVALUATION_LABELS[evaluation]] if show_evaluation else [])
         cells += [
@@ -214,8 +215,8 @@ def results_table(rows: Sequence[Mapping[str, Any]], seeds: Sequence[int]) -> st
             else format_mean_ci([r[m] for r in group])
             for m in columns
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + _table_note(seeds, columns)
+        body.append(cells)
+    return markdown_table(header, body) + _table_note(seeds, columns)
 
 
 def results_csv(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> str:

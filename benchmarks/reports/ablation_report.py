@@ -19,13 +19,13 @@ when the whole interval lies above (below) zero (the statistics:
 from __future__ import annotations
 
 import argparse
-import math
 import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .paired import METRICS, paired_differences, read_separate_rows, verdict
+from .markdown import markdown_table
+from .paired import METRICS, difference_text, paired_differences, read_separate_rows, verdict
 
 __all__ = ["main", "markdown"]
 
@@ -41,25 +41,17 @@ def markdown(
     header = ["variant"] + ([] if base else ["base"])
     header += [f"Δ{label} (pts)" for label in METRICS.values()] + ["MAP@R verdict"]
     title = f"from `{base}` " if base else ""
+    body = []
+    for row in rows:
+        cells = [str(row["method"])] + ([] if base else [str(row["base"])])
+        cells += [difference_text(*row[metric]) for metric in METRICS]
+        cells.append(verdict(*row["mean_average_precision_at_r"]))
+        body.append(cells)
+    seeds = sorted({s for row in rows for s in row["seeds"]})
     lines = [
         f"## Paired differences {title}({classes} classes)",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-    ]
-    for row in rows:
-        cells = [str(row["method"])] + ([] if base else [str(row["base"])])
-        for metric in METRICS:
-            mean, half = row[metric]
-            cells.append(
-                f"{100 * mean:+.2f}"
-                if math.isnan(half)
-                else f"{100 * mean:+.2f} ± {100 * half:.2f}"
-            )
-        cells.append(verdict(*row["mean_average_precision_at_r"]))
-        lines.append("| " + " | ".join(cells) + " |")
-    seeds = sorted({s for row in rows for s in row["seeds"]})
-    lines += [
+        markdown_table(header, body),
         "",
         f"Percentage points, variant minus `{base or 'its base'}`, paired by seed (seeds {seeds}); "
         "mean ± 95% Student-t CI of the per-seed differences. A verdict needs the whole "

@@ -23,7 +23,8 @@ from benchmarks.protocol.config import ConfigError, method_names
 from benchmarks.protocol.provenance import environment
 from pml_crt.utils.stats import format_mean_ci, mean_ci95
 
-from .paired import paired_differences, seed_table, verdict
+from .markdown import markdown_table
+from .paired import difference_text, paired_differences, seed_table, verdict
 
 __all__ = [
     "EVALUATIONS",
@@ -195,9 +196,7 @@ def _paired_cells(table: Mapping[str, Mapping[int, Any]], row: LossRow) -> list[
     paired = _paired(table, row)
     if paired is None:
         return ["-", "-"]
-    mean, half = paired
-    text = f"{100 * mean:+.2f}" if math.isnan(half) else f"{100 * mean:+.2f} ± {100 * half:.2f}"
-    return [text, verdict(mean, half)]
+    return [difference_text(*paired), verdict(*paired)]
 
 
 def verdict_summary(
@@ -232,12 +231,12 @@ def evaluation_table(
     header = ["method", "embedder", *METRICS.values()]
     header += ["ΔMAP@R CRT − linear (pts)", "verdict", "trials (complete + pruned)"]
     header += ["trial time, summed", "final units' time, summed"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    body = []
     for group in groups:
         if group.linear == PRETRAINED:
             cells = [group.label, "untrained trunk + average pooling"]
             cells += _metric_cells(table.get(PRETRAINED)) + ["-", "-"]
-            lines.append("| " + " | ".join(cells + _budget_cells(budgets.get(PRETRAINED))) + " |")
+            body.append(cells + _budget_cells(budgets.get(PRETRAINED)))
             continue
         for kind in SUFFIXES:
             method = getattr(group, kind)
@@ -245,17 +244,17 @@ def evaluation_table(
             cells += _metric_cells(table.get(method))
             cells += _paired_cells(table, group) if kind == "crt" else ["", ""]
             cells += _budget_cells(budgets.get(method))
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            body.append(cells)
+    return markdown_table(header, body)
 
 
 def published_block(config: Mapping[str, Any]) -> str:
     """MLRC's published 512-dim numbers and why they are not comparable with ours."""
     header = ["method"] + [f"{d} {label}" for d in MLRC_PUBLISHED for label in METRICS.values()]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for label in MLRC_PUBLISHED["CUB200"]:
-        values = [f"{v:.2f}" for d in MLRC_PUBLISHED for v in MLRC_PUBLISHED[d][label]]
-        lines.append("| " + " | ".join([label, *values]) + " |")
+    body = [
+        [label, *(f"{v:.2f}" for d in MLRC_PUBLISHED for v in MLRC_PUBLISHED[d][label])]
+        for label in MLRC_PUBLISHED["CUB200"]
+    ]
     images, trunk = config["images"], config["trunk"]
     ours = (
         f"{config['dataset']['name']} at {images.get('resize')} px through a "
@@ -265,7 +264,7 @@ def published_block(config: Mapping[str, Any]) -> str:
     return (
         "## MLRC's published numbers (not comparable with the table above)\n\n"
         "Musgrave, Belongie and Lim (ECCV 2020), Table 4, concatenated 512-dim, percent.\n\n"
-        + "\n".join(lines)
+        + markdown_table(header, body)
         + "\n\nThey are not comparable with ours: MLRC trained an ImageNet BN-Inception at "
         "227 px on all training classes of CUB200 and Cars196 with 4 folds and 50 "
         f"Bayesian-optimisation trials per loss, while this table is {ours}; only the order "

@@ -18,7 +18,14 @@ from typing import Any
 
 from pml_crt.utils.stats import mean_ci95
 
-__all__ = ["METRICS", "paired_differences", "read_separate_rows", "seed_table", "verdict"]
+__all__ = [
+    "METRICS",
+    "difference_text",
+    "paired_differences",
+    "read_separate_rows",
+    "seed_table",
+    "verdict",
+]
 
 METRICS = {"precision_at_1": "P@1", "mean_average_precision_at_r": "MAP@R"}
 
@@ -76,6 +83,13 @@ def paired_differences(
             entry[metric] = mean_ci95(diffs)
         out.append(entry)
     return out
+
+
+def difference_text(mean: float, half: float) -> str:
+    """A paired difference in percentage points: ``+1.23 ± 0.45``, or ``+1.23`` (one seed)."""
+    if math.isnan(half):
+        return f"{100 * mean:+.2f}"
+    return f"{100 * mean:+.2f} ± {100 * half:.2f}"
 
 
 def verdict(mean: float, half: float) -> str:

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 import yaml
 
+from benchmarks.protocol.layout import EMBEDDINGS, RESULTS
+
 __all__ = [
     "Curve",
     "final_metrics",
@@ -57,8 +59,6 @@ LABELS = {
 }
 BAR_METRICS = ("precision_at_1", "mean_average_precision_at_r", "recall_at_1")
 VAL_CSV = "accuracies_*_VAL_vs_self.csv"
-EMBEDDINGS = "test_embeddings.pt"
-RESULTS = "results.json"
 DPI = 120
 
 

@@ -29,6 +29,8 @@ from pathlib import Path
 from benchmarks.perf.common import cpu_model, load_average
 from pml_crt.utils.stats import format_mean_ci
 
+from .markdown import markdown_table
+
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 REPORT = ROOT / "benchmarks" / "results" / "readme_timings.md"
@@ -118,18 +120,22 @@ def report(result: dict) -> str:
         f"CI over {len(runs)} runs, each in a fresh clone with no virtual environment. "
         f"{PACKAGES} Load average = 1, 5, 15 minute averages before and after each run's step.",
         "",
-        "| step | wall-clock | load before, per run | load after, per run |",
-        "|---|---|---|---|",
     ]
+    header = ["step", "wall-clock", "load before, per run", "load after, per run"]
+    body = []
     for index, step in enumerate(runs[0]["steps"]):
         steps = [run["steps"][index] for run in runs]
-        lines.append(
-            f"| `{step['command']}` | {_minutes([s['seconds'] for s in steps])} | "
-            f"{_loads(s['load_before'] for s in steps)} | "
-            f"{_loads(s['load_after'] for s in steps)} |"
+        body.append(
+            [
+                f"`{step['command']}`",
+                _minutes([s["seconds"] for s in steps]),
+                _loads(s["load_before"] for s in steps),
+                _loads(s["load_after"] for s in steps),
+            ]
         )
     totals = _totals(result)
-    lines += ["", f"The README's first command in all: {_minutes(totals['command'])}.", ""]
+    lines += [markdown_table(header, body), ""]
+    lines += [f"The README's first command in all: {_minutes(totals['command'])}.", ""]
     return "\n".join(lines)
 
 

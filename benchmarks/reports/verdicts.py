@@ -17,6 +17,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from .markdown import markdown_table
 from .paired import paired_differences, read_separate_rows, verdict
 
 __all__ = ["BENCHMARKS", "HEADS", "MARKERS", "main", "readme_with", "table"]
@@ -46,15 +47,13 @@ def _cell(name: str, head: str, base: str, suffix: str, root: Path) -> str:
 
 def table(root: Path = ROOT) -> str:
     """The results table, from the published tuned CSVs under ``root``."""
-    lines = [
-        "| benchmark | head | vs GeM | vs average pooling |",
-        "|---|---|---|---|",
+    rows = [
+        [label, head_label, *(_cell(name, head, base, suffix, root) for base, suffix in BASES)]
+        for label, name in BENCHMARKS
+        for head, head_label in HEADS
     ]
-    for label, name in BENCHMARKS:
-        for head, head_label in HEADS:
-            cells = [_cell(name, head, base, suffix, root) for base, suffix in BASES]
-            lines.append(f"| {label} | {head_label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    header = ["benchmark", "head", "vs GeM", "vs average pooling"]
+    return markdown_table(header, rows) + "\n"
 
 
 def readme_with(text: str, block: str) -> str:

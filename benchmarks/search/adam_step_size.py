@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from pytorch_metric_learning.losses import MultiSimilarityLoss
 
 from benchmarks.protocol.layout import write_atomic
+from benchmarks.reports.markdown import markdown_table
 from pml_crt.models import CRT, GlobalPoolEmbedder
 from pml_crt.utils import param_groups
 from pml_crt.utils.stats import mean_ci95
@@ -131,17 +132,15 @@ def markdown(
 ) -> str:
     """One row per (head, trained group), one column per learning rate."""
     header = ["head", "trained"] + [f"lr {lr:g}" for lr in lrs]
+    rows = dict.fromkeys((name, group) for name, group, _ in drifts)
+    body = [
+        [name, group, *(_mean_ci_significant(drifts[(name, group, lr)]) for lr in lrs)]
+        for name, group in rows
+    ]
     lines = [
         f"## Embedding drift after {steps} Adam steps (C = {channels}, 7x7 maps)",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-    ]
-    rows = dict.fromkeys((name, group) for name, group, _ in drifts)
-    for name, group in rows:
-        cells = [_mean_ci_significant(drifts[(name, group, lr)]) for lr in lrs]
-        lines.append("| " + " | ".join([name, group, *cells]) + " |")
-    lines += [
+        markdown_table(header, body),
         "",
         f"Mean cosine distance `1 - cos(e_before, e_after)` of the batch's L2-normalised "
         f"embeddings, mean ± 95% CI over seeds {list(seeds)}; a synthetic class-structured "

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.protocol.layout import write_atomic
-from benchmarks.reports.paired import paired_differences, read_separate_rows
+from benchmarks.reports.markdown import markdown_table
+from benchmarks.reports.paired import difference_text, paired_differences, read_separate_rows
 
 from .lr_sweep import lr_label
 
@@ -107,12 +108,6 @@ def choose(candidates: Sequence[Candidate]) -> tuple[Candidate, bool]:
     return max(tied, key=lambda c: c.mean), bool(safe)
 
 
-def _cell_text(mean: float, half: float) -> str:
-    if math.isnan(half):
-        return f"{100 * mean:+.2f}"
-    return f"{100 * mean:+.2f} ± {100 * half:.2f}"
-
-
 def markdown(
     candidates: Sequence[Candidate], base: str, sweeps: Sequence[tuple[str, Path]], command: str
 ) -> str:
@@ -121,21 +116,17 @@ def markdown(
     columns = list(dict.fromkeys(cell for c in candidates for cell in c.cells))
     header = ["candidate"] + [f"{d} {lr:g}" for d, lr in columns]
     header += ["worst cell", "mean", "cells below 0"]
-    lines = [
-        f"## Candidates minus `{base}`: paired validation MAP@R (pts), per dataset and Adam rate",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-    ]
+    body = []
     for candidate in sorted(candidates, key=lambda c: -c.worst[1]):
         (dataset, lr), mean, half = candidate.worst
         below = ", ".join(f"{d} {r:g}" for d, r in candidate.below_zero) or "none"
         name = f"**{candidate.name}**" if candidate is chosen else candidate.name
         row = [name] + [
-            _cell_text(*candidate.cells[c]) if c in candidate.cells else "not run" for c in columns
+            difference_text(*candidate.cells[c]) if c in candidate.cells else "not run"
+            for c in columns
         ]
-        row += [f"{_cell_text(mean, half)} ({dataset} {lr:g})", f"{100 * candidate.mean:+.2f}"]
-        lines.append("| " + " | ".join(row + [below]) + " |")
+        row += [f"{difference_text(mean, half)} ({dataset} {lr:g})", f"{100 * candidate.mean:+.2f}"]
+        body.append(row + [below])
     pending = [c.name for c in candidates if not c.below_zero and len(c.cells) < len(columns)]
     if pending:
         outcome = (
@@ -155,7 +146,10 @@ def markdown(
             f"linear head. `{chosen.name}` has the highest worst cell; state where it is below."
         )
     seeds = sorted({s for _, path in sweeps for s in _seeds(path)})
-    lines += [
+    lines = [
+        f"## Candidates minus `{base}`: paired validation MAP@R (pts), per dataset and Adam rate",
+        "",
+        markdown_table(header, body),
         "",
         outcome,
         "",

@@ -30,6 +30,7 @@ from benchmarks.cli import run_command
 from benchmarks.protocol.config import load_config, method_config
 from benchmarks.protocol.layout import write_atomic
 from benchmarks.protocol.runner import run_benchmark, select_methods
+from benchmarks.reports.markdown import markdown_table
 
 __all__ = ["lr_label", "main", "pivot_table", "sweep_config"]
 
@@ -73,7 +74,7 @@ def pivot_table(
         if entry.get("evaluation", "separate") == "separate"
     }
     header = ["head"] + [f"{lr:g}" for lr in lrs] + ["best lr", "lrs within 2 points of best"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    body = []
     for name in methods:
         values = [cells.get(f"{name}_{lr_label(lr)}") for lr in lrs]
         row = [name]
@@ -99,8 +100,8 @@ def pivot_table(
             )
         else:
             row += ["-", "-"]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
+        body.append(row)
+    return markdown_table(header, body) + "\n"
 
 
 def plot_sweep(

@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 
 from benchmarks.protocol.layout import write_atomic
 from benchmarks.protocol.provenance import environment
+from benchmarks.reports.markdown import markdown_table
 
 from .best_config import best_config, best_params
 from .trials import best_trial, counted_trials, root_number, trial_minutes
@@ -132,11 +133,11 @@ def report_search(
         f"{config['eval']['primary_metric']} over folds {tune['folds']} and seeds "
         f"{tune['seeds']}; the test classes were never embedded. Sampler: Optuna TPE, seed "
         f"{tune['seed']} plus the trial's index; pruner: {tune['pruner']}.",
-        "",
-        "| method | trials (complete + pruned) | trial time, summed | best validation MAP@R "
-        "| best trial | best parameters (rounded; best.yaml has them whole) |",
-        "|---|---|---|---|---|---|",
     ]
+    header = ["method", "trials (complete + pruned)", "trial time, summed"]
+    header += ["best validation MAP@R", "best trial"]
+    header += ["best parameters (rounded; best.yaml has them whole)"]
+    body = []
     for method, study in studies.items():
         counted = counted_trials(study, budget)
         pruned = sum(t.state == TrialState.PRUNED for t in counted)
@@ -148,16 +149,21 @@ def report_search(
         number = "-" if trial is None else str(trial.number)
         if trial is not None and root_number(trial) != trial.number:  # a retry, in its folder
             number += f" (folder trial{root_number(trial):04d})"
-        lines.append(
-            f"| {method} | {len(counted) - pruned} + {pruned}"
-            f"{f' ({diverged} diverged)' if diverged else ''} | {minutes:.1f} min | {value} | "
-            f"{number} | {params or '-'} |"
-        )
-    lines += ["", "## Search spaces", "", "| method | key | space |", "|---|---|---|"]
-    for method in studies:
-        for key, entry in spaces[method].items():
-            lines.append(f"| {method} | `{key}` | {_space_text(entry)} |")
+        trials = f"{len(counted) - pruned} + {pruned}"
+        trials += f" ({diverged} diverged)" if diverged else ""
+        body.append([method, trials, f"{minutes:.1f} min", value, number, params or "-"])
+    spaces_body = [
+        [method, f"`{key}`", _space_text(entry)]
+        for method in studies
+        for key, entry in spaces[method].items()
+    ]
     lines += [
+        "",
+        markdown_table(header, body),
+        "",
+        "## Search spaces",
+        "",
+        markdown_table(["method", "key", "space"], spaces_body),
         "",
         "The final runs on test classes: "
         f"`python -m benchmarks.run --config {folder / 'best.yaml'}`.",
