@@ -7,5 +7,6 @@ by seed (the paired difference, its 95% CI and its verdict), which
 published CSV and :mod:`~benchmarks.reports.verdicts` turns into the README's results
 table; :mod:`~benchmarks.reports.mlrc_report` lays out the table of
 ``python -m benchmarks.mlrc_table``; :mod:`~benchmarks.reports.time_readme` measures
-how long the README's commands take and writes that report.
+how long the README's commands take and writes that report; every table is a
+:func:`~benchmarks.reports.markdown.markdown_table`.
 """
