@@ -124,11 +124,6 @@ def report_split(run_root: str | Path) -> str:
     return str((_unit_config(Path(run_root)).get("eval") or {}).get("split", "test"))
 
 
-def _is_frozen(folder: Path) -> bool:
-    result = json.loads((folder / RESULTS).read_text())
-    return result.get("trained") is False
-
-
 # --------------------------------------------------------------------------- data
 
 
