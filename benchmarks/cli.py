@@ -1,20 +1,35 @@
-"""The benchmark commands' argument parsers, with nothing heavy imported.
+"""The benchmark commands' argument parsers and how a command ends, with nothing heavy imported.
 
 ``python -m benchmarks.run``, ``.tune`` and ``.mlrc_table`` parse their arguments with
 these parsers before they import torch or Optuna, so ``--help`` and a mistyped option
 answer at once. Each description says what the command does in stages, where its
 outputs go, that it resumes, and how long the shipped configs took, read from the
-published reports in ``benchmarks/results/``.
+published reports in ``benchmarks/results/``. :func:`run_command` ends every command
+the same way: a user error in one line with status 2, Ctrl-C with how to resume and
+status 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn, TypeVar
 
-__all__ = ["mlrc_table_parser", "published_minutes", "run_parser", "tune_parser"]
+__all__ = [
+    "exit_with",
+    "mlrc_table_parser",
+    "published_minutes",
+    "run_command",
+    "run_parser",
+    "tune_parser",
+]
+
+T = TypeVar("T")
 
 RESULTS = Path(__file__).resolve().parent / "results"
 _PATTERNS = {
@@ -195,3 +210,27 @@ def mlrc_table_parser() -> argparse.ArgumentParser:
     parser.add_argument("--publish", type=Path, default=None, help="also write the reports here")
     parser.add_argument("--no-progress", action="store_true", help="hide every progress bar")
     return parser
+
+
+def run_command(prog: str, action: Callable[[], T], interrupted: str) -> T:
+    """``action()`` as a command line's body, the way ``benchmarks.run`` and ``.tune`` end.
+
+    A :class:`~benchmarks.protocol.config.UserError` prints ``<prog>: error: <message>`` as one
+    line and exits with status 2, as argparse does; Ctrl-C prints ``interrupted`` (how
+    to resume) and exits with 130. Any other exception is a bug and propagates.
+    """
+    from benchmarks.protocol.config import UserError  # here, so that --help does not load it
+
+    try:
+        return action()
+    except UserError as error:
+        exit_with(2, "error: " + " ".join(str(error).splitlines()), prog)
+    except KeyboardInterrupt:
+        exit_with(130, interrupted, prog)
+
+
+def exit_with(status: int, message: str, prog: str = "benchmarks.run") -> NoReturn:
+    """Print ``<prog>: <message>`` to stderr (rank 0 only) and exit with ``status``."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{prog}: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(status)

@@ -4,7 +4,8 @@ import csv
 
 import pytest
 
-from benchmarks.ablation_report import main, paired_differences, read_separate_rows, verdict
+from benchmarks.reports.ablation_report import main
+from benchmarks.reports.paired import paired_differences, read_separate_rows, verdict
 
 
 def _write(path, rows):

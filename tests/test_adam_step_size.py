@@ -2,7 +2,7 @@
 
 import torch
 
-from benchmarks import adam_step_size
+from benchmarks.search import adam_step_size
 from pml_crt.models import CRT
 
 

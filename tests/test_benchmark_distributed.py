@@ -34,8 +34,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.build import build_embedder
-from benchmarks.config import load_config, method_config
+from benchmarks.protocol.build import build_embedder
+from benchmarks.protocol.config import load_config, method_config
 from pml_crt.trunks import feature_map_trunk
 from tests.test_benchmark_resume import (
     UNIT,

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import plots
-from benchmarks.results import publish_results
+from benchmarks.protocol.results import publish_results
+from benchmarks.reports import plots
 from tests.test_benchmark_runner import DATA, TINY_OMNIGLOT, _run
 
 pytestmark = pytest.mark.filterwarnings(

@@ -27,9 +27,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import resume
-from benchmarks import run as bench
-from benchmarks.layout import MARKER, RESULTS, RESUME
+from benchmarks.protocol import resume
+from benchmarks.protocol import runner as bench
+from benchmarks.protocol.layout import MARKER, RESULTS, RESUME
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Converting a tensor with requires_grad=True:UserWarning"  # PML trainer's pbar

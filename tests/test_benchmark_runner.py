@@ -27,18 +27,18 @@ import yaml
 from PIL import Image
 from pytorch_metric_learning import losses, testers
 
-from benchmarks import build
-from benchmarks import config as config_module
-from benchmarks import run as bench
-from benchmarks.build import build_embedder, build_loss, build_optimizers, install_weights
-from benchmarks.cache import (
+from benchmarks.protocol import build
+from benchmarks.protocol import config as config_module
+from benchmarks.protocol import runner as bench
+from benchmarks.protocol.build import build_embedder, build_loss, build_optimizers, install_weights
+from benchmarks.protocol.cache import (
     CachedDataset,
     TrunkTail,
     cache_dataset,
     cache_module_outputs,
     frozen_prefix,
 )
-from benchmarks.config import (
+from benchmarks.protocol.config import (
     DEFAULTS,
     ConfigError,
     UserError,
@@ -49,10 +49,12 @@ from benchmarks.config import (
     method_names,
     parse_override,
 )
-from benchmarks.data import TransformedDataset, class_subset, load_source, pil_transform
-from benchmarks.layout import unit_dir
-from benchmarks.metrics import BenchmarkAccuracyCalculator
-from benchmarks.results import publish_results
+from benchmarks.protocol.data import TransformedDataset, class_subset, load_source, pil_transform
+from benchmarks.protocol.execution import worker_threads
+from benchmarks.protocol.layout import unit_dir
+from benchmarks.protocol.metrics import BenchmarkAccuracyCalculator
+from benchmarks.protocol.results import publish_results
+from benchmarks.protocol.workers import local_processes
 from pml_crt.losses import MultiHeadLoss
 from pml_crt.models import MultiHeadCRT
 from pml_crt.trunks import feature_map_trunk
@@ -376,7 +378,7 @@ class _FakeImages(torch.utils.data.Dataset):
 
 @pytest.mark.parametrize("normalize", ["imagenet", "invert", "none"])
 def test_image_cache_equals_uncached(normalize):
-    from benchmarks.data import ToFloat
+    from benchmarks.protocol.data import ToFloat
 
     images = {"resize": 24, "crop": 20, "augmentation": "none", "normalize": normalize}
     source = _FakeImages()
@@ -688,7 +690,7 @@ def test_worker_processes_end_when_their_parent_is_killed(tmp_path):
             sys.executable,
             "-c",
             "import time\n"
-            "from benchmarks.run import local_processes\n"
+            "from benchmarks.protocol.workers import local_processes\n"
             "with local_processes(time.sleep, (600,), 1) as processes:\n"
             "    print(processes[0].pid, flush=True)\n"
             "    time.sleep(600)\n",
@@ -721,9 +723,9 @@ def _alive(pid: int) -> bool:
 
 def test_a_failing_worker_process_is_an_error():
     with pytest.raises(RuntimeError, match=r"2 of 2 worker processes exited with \[3, 3\]"):
-        with bench.local_processes(_exit_with, (3,), 2):
+        with local_processes(_exit_with, (3,), 2):
             pass
-    with bench.local_processes(_exit_with, (0,), 2) as processes:
+    with local_processes(_exit_with, (0,), 2) as processes:
         pass
     assert [p.exitcode for p in processes] == [0, 0]
 
@@ -740,7 +742,7 @@ def test_worker_processes_log_pml_at_their_parents_level(level: int):
     before = pml.level
     pml.setLevel(level)
     try:
-        with bench.local_processes(_send_pml_log_level, (levels,), 1):
+        with local_processes(_send_pml_log_level, (levels,), 1):
             pass
     finally:
         pml.setLevel(before)
@@ -752,9 +754,9 @@ def test_workers_share_the_cores_this_process_may_use(monkeypatch, cores, worker
     """A container or ``taskset`` can allow fewer cores than the machine has."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
-    assert bench.worker_threads({"name": "x"}, workers) == {"name": "x", "threads": threads}
-    assert bench.worker_threads({"threads": 8}, workers) == {"threads": 8}
-    assert bench.worker_threads({"name": "x"}, 1) == {"name": "x"}
+    assert worker_threads({"name": "x"}, workers) == {"name": "x", "threads": threads}
+    assert worker_threads({"threads": 8}, workers) == {"threads": 8}
+    assert worker_threads({"name": "x"}, 1) == {"name": "x"}
 
 
 def _fake_cars(root: Path, classes: int = 8, per_class: int = 3) -> None:
@@ -1129,8 +1131,8 @@ def test_published_table_names_the_commits_and_time_of_its_units(tmp_path):
 
 @needs_omniglot
 def test_init_from_data_clusters_the_training_classes_before_training(tmp_path, monkeypatch):
-    from benchmarks import unit as unit_module
-    from benchmarks.splits import mlrc_split
+    from benchmarks.protocol import unit as unit_module
+    from benchmarks.protocol.splits import mlrc_split
 
     calls = []
     original = unit_module.init_from_data
@@ -1178,7 +1180,7 @@ def test_augmented_views_of_the_frozen_blocks_are_cached_once_and_drawn_per_acce
     tmp_path, monkeypatch
 ):
     """cache.train_views: the frozen blocks over V seeded augmented views, one drawn per access."""
-    from benchmarks.pipeline import DataPipeline
+    from benchmarks.protocol.pipeline import DataPipeline
 
     views = ["images.augmentation=mlrc", "cache.train_views=3", "dataset.max_classes=4"]
     config = load_config(CONFIGS / "cub_compare.yaml", [*TINY_CUB, *views])

@@ -2,7 +2,7 @@
 
 import pytest
 
-from benchmarks.splits import fold_boundaries, mlrc_split, trainval_test_classes
+from benchmarks.protocol.splits import fold_boundaries, mlrc_split, trainval_test_classes
 
 
 def test_hand_computed_example():

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from benchmarks import defaults_grid
-from benchmarks.lr_sweep import lr_label
+from benchmarks.search import defaults_grid
+from benchmarks.search.lr_sweep import lr_label
 
 LRS = (1e-5, 1e-3)
 SEEDS = (0, 1, 2)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import lr_sweep
-from benchmarks.config import load_config, method_config
+from benchmarks.protocol.config import load_config, method_config
+from benchmarks.search import lr_sweep
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_omniglot = pytest.mark.skipif(

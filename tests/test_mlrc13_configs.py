@@ -13,9 +13,9 @@ import pytest
 import torch
 from pytorch_metric_learning import losses, miners, regularizers
 
-from benchmarks.build import build_embedder, build_loss, build_optimizers, is_frozen_method
-from benchmarks.config import load_config, method_config, method_names
-from benchmarks.tune import apply_params, search_space
+from benchmarks.protocol.build import build_embedder, build_loss, build_optimizers, is_frozen_method
+from benchmarks.protocol.config import load_config, method_config, method_names
+from benchmarks.search.space import apply_params, search_space
 from pml_crt.losses import MultiHeadLoss
 from pml_crt.models import GlobalPoolEmbedder, MultiHeadCRT
 
@@ -167,7 +167,7 @@ def test_every_method_builds_at_its_start_values_and_search_corners(config):
 
 
 def test_a_regularizer_gets_the_units_classes_and_the_losss_centers_per_class():
-    """The runner change behind MLRC's SoftTriple reg_weight (benchmarks/build.py)."""
+    """The runner change behind MLRC's SoftTriple reg_weight (benchmarks/protocol/build.py)."""
     embedder = build_embedder({"type": "GlobalPoolEmbedder", "kwargs": {"embedding_size": 8}}, 4)
 
     def softtriple(loss_kwargs):

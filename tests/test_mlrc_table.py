@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmarks import mlrc_table
-from benchmarks.config import ConfigError, load_config
-from benchmarks.mlrc_table import MethodBudget, loss_rows
+from benchmarks.protocol.config import ConfigError, load_config
+from benchmarks.reports import mlrc_report
+from benchmarks.reports.mlrc_report import MethodBudget, loss_rows
+from benchmarks.search import mlrc_table
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -63,7 +64,7 @@ def test_every_shipped_mlrc13_config_has_all_13_losses_in_pairs():
     for name in ("omniglot7x7_mlrc13", "cub224_mlrc13"):
         config = load_config(str(ROOT / "benchmarks" / "configs" / f"{name}.yaml"))
         rows = loss_rows(list(config["methods"]))
-        assert [r.label for r in rows] == ["Pretrained", *mlrc_table.MLRC_LOSSES.values()]
+        assert [r.label for r in rows] == ["Pretrained", *mlrc_report.MLRC_LOSSES.values()]
         assert all(r.linear and r.crt for r in rows[1:])
 
 
@@ -114,7 +115,7 @@ BUDGETS = {
 
 
 def test_metric_cells_and_paired_difference_match_plain_loops():
-    table = mlrc_table.evaluation_table(_rows(), loss_rows(list(VALUES)), BUDGETS, "separate")
+    table = mlrc_report.evaluation_table(_rows(), loss_rows(list(VALUES)), BUDGETS, "separate")
     linear, crt = _cells(table, "MS", "linear"), _cells(table, "", "MultiHeadCRT")
     for column, index in ((2, 0), (3, 1), (4, 2)):
         for cells, method in ((linear, "ms_linear"), (crt, "ms_crt")):
@@ -124,7 +125,7 @@ def test_metric_cells_and_paired_difference_match_plain_loops():
     mean, half = _mean_ci(diffs)
     assert crt[5] == f"{100 * mean:+.2f} ± {100 * half:.2f}"
     assert crt[6] == ("better" if mean - half > 0 else "no difference")
-    summary = mlrc_table.verdict_summary(_rows(), loss_rows(list(VALUES)), "separate")
+    summary = mlrc_report.verdict_summary(_rows(), loss_rows(list(VALUES)), "separate")
     assert f"): {crt[6]} for MS." in summary
     assert linear[5:7] == ["", ""]
     assert linear[7:] == ["2 + 1", "3.2 min", "4.0 min"]
@@ -139,9 +140,9 @@ def test_a_clear_difference_gets_a_verdict():
         if row["method"] == "ms_crt":
             linear = VALUES["ms_linear"][row["seed"]][2]
             row[MAP_R] = linear - 0.05 + 0.001 * row["seed"]  # 4.8 to 5 points below
-    table = mlrc_table.evaluation_table(rows, loss_rows(list(VALUES)), BUDGETS, "separate")
+    table = mlrc_report.evaluation_table(rows, loss_rows(list(VALUES)), BUDGETS, "separate")
     assert _cells(table, "", "MultiHeadCRT")[6] == "worse"
-    summary = mlrc_table.verdict_summary(rows, loss_rows(list(VALUES)), "separate")
+    summary = mlrc_report.verdict_summary(rows, loss_rows(list(VALUES)), "separate")
     assert summary.endswith(
         "paired MAP@R against the linear embedder of the same loss): worse for MS."
     )
@@ -157,7 +158,7 @@ def test_report_has_one_table_per_evaluation_and_states_the_budget():
         }
     )
     wall = {"tune_min": 1.0, "final_min": 2.0, "total_min": 3.0, "invocations": 2}
-    text = mlrc_table.mlrc_markdown(
+    text = mlrc_report.mlrc_markdown(
         config, _rows(("separate", "concatenated")), BUDGETS, wall, "CMD", "tiny_tuned"
     )
     assert "## Test classes, separate (mean of fold models)" in text
@@ -176,7 +177,7 @@ def test_report_words_follow_the_config():
 
     def report(data):
         config = load_config(data={"name": "tiny", "methods": methods, **data})
-        return mlrc_table.mlrc_markdown(config, _rows(("separate",)), BUDGETS, wall, "C", "t")
+        return mlrc_report.mlrc_markdown(config, _rows(("separate",)), BUDGETS, wall, "C", "t")
 
     default = report({})
     assert "median pruning; the test classes never embedded)" in default
@@ -198,22 +199,22 @@ def test_report_words_follow_the_config():
 def test_published_numbers_are_the_specs():
     text = SPEC.read_text()
     names = {"N.Softmax": "N. Softmax"}
-    for dataset in mlrc_table.MLRC_PUBLISHED:
+    for dataset in mlrc_report.MLRC_PUBLISHED:
         line = re.search(rf"{dataset}, 512-dim: (.*?)(\.|$)\s", text).group(1)
         parsed = {}
         for m in re.finditer(r"([\w. +]+?) ([\d.]+)/([\d.]+)/([\d.]+)", line):
             name = m.group(1).strip()
             parsed[names.get(name, name)] = tuple(float(v) for v in m.group(2, 3, 4))
-        assert parsed == mlrc_table.MLRC_PUBLISHED[dataset]
+        assert parsed == mlrc_report.MLRC_PUBLISHED[dataset]
 
 
 def test_published_block_names_why_it_is_not_comparable():
     config = load_config(data={"name": "tiny", "tune": {"trials": 3}})
-    block = mlrc_table.published_block(config)
+    block = mlrc_report.published_block(config)
     assert "not comparable" in block and "227 px" in block
     assert "3 trials per method" in block
     table_lines = [line for line in block.splitlines() if line.startswith("| ")]
-    assert len(table_lines) == 1 + len(mlrc_table.MLRC_PUBLISHED["CUB200"])
+    assert len(table_lines) == 1 + len(mlrc_report.MLRC_PUBLISHED["CUB200"])
 
 
 def test_the_wall_clock_is_on_disk_while_a_stage_runs_and_adds_up_across_invocations(tmp_path):

@@ -7,7 +7,8 @@ import torch
 
 from benchmarks.perf.common import interleaved_times, summarize
 from benchmarks.perf.flops import count_flops, head_matmul_flops
-from benchmarks.perf.head_cost import build_head, memory_model_fit, multihead_specs
+from benchmarks.perf.head_memory import memory_model_fit
+from benchmarks.perf.heads import build_head, multihead_specs
 from benchmarks.perf.memory import LiveTensorMemory, measure_peak
 
 FLOAT = 4

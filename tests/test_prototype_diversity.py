@@ -9,8 +9,8 @@ import torch
 from pytorch_metric_learning import losses, reducers, trainers
 from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
 
-from benchmarks.build import build_embedder, build_loss
-from benchmarks.config import ConfigError, load_config, method_config
+from benchmarks.protocol.build import build_embedder, build_loss
+from benchmarks.protocol.config import ConfigError, load_config, method_config
 from pml_crt.losses import MultiHeadLoss, PrototypeRegularizedLoss
 from pml_crt.models import CRT, GlobalPoolEmbedder, MultiHeadCRT
 from pml_crt.models.crt import prototype_diversity_losses, prototype_diversity_penalty

@@ -113,7 +113,7 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch, capsys):
 
 
 def test_timing_script_reads_the_first_command_and_rewrites_only_its_sentence(tmp_path):
-    from benchmarks import time_readme
+    from benchmarks.reports import time_readme
 
     text = README.read_text()
     assert time_readme.readme_first_command() == text.split("```bash\n")[1].splitlines()[0]
@@ -128,7 +128,7 @@ def test_timing_script_reads_the_first_command_and_rewrites_only_its_sentence(tm
 
 
 def test_timing_report_gives_mean_and_ci_over_runs():
-    from benchmarks import time_readme
+    from benchmarks.reports import time_readme
 
     def run(seconds):
         steps = ["python3 -m venv .venv", "pip install", "benchmarks.run", "example"]
@@ -158,7 +158,7 @@ def test_timing_report_gives_mean_and_ci_over_runs():
 
 
 def test_readme_results_table_is_the_generated_one():
-    from benchmarks import verdicts
+    from benchmarks.reports import verdicts
 
     text = README.read_text()
     assert verdicts.readme_with(text, verdicts.table()) == text, (

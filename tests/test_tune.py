@@ -31,12 +31,17 @@ import yaml
 from optuna.trial import TrialState
 from pytorch_metric_learning import testers
 
-from benchmarks import tune
-from benchmarks.config import load_config, method_config, method_names
-from benchmarks.layout import RESULTS
-from benchmarks.pipeline import DataPipeline
-from benchmarks.results import table_header
-from benchmarks.splits import mlrc_split
+from benchmarks.protocol.config import load_config, method_config, method_names
+from benchmarks.protocol.layout import RESULTS
+from benchmarks.protocol.pipeline import DataPipeline
+from benchmarks.protocol.results import table_header
+from benchmarks.protocol.splits import mlrc_split
+from benchmarks.search import tune
+from benchmarks.search.best_config import best_config
+from benchmarks.search.space import SearchSpaceError, decode_params, search_space, suggest
+from benchmarks.search.storage import JOURNAL, open_storage
+from benchmarks.search.study import tune_method
+from benchmarks.search.trials import best_trial, counted_trials, root_number
 from pml_crt.utils.validation import NonFiniteError
 from tests.test_benchmark_resume import _kill_at_marker, _marker_epoch, _start, _wait_for_marker
 
@@ -97,15 +102,15 @@ def _config_file(folder: Path) -> Path:
 
 
 def _study(out: Path, storage: str | None = None) -> optuna.Study:
-    storage = storage or str(out / "tiny_tune" / "tune" / tune.JOURNAL)
-    return optuna.load_study(study_name="tiny_tune/global_pool", storage=tune.open_storage(storage))
+    storage = storage or str(out / "tiny_tune" / "tune" / JOURNAL)
+    return optuna.load_study(study_name="tiny_tune/global_pool", storage=open_storage(storage))
 
 
 def _trials(study: optuna.Study) -> list[tuple]:
     """What a search decided: each counted trial's parameters, pruning, steps and value."""
     return [
         (t.params, t.state, dict(t.intermediate_values), t.value)
-        for t in tune.counted_trials(study, TRIALS)
+        for t in counted_trials(study, TRIALS)
     ]
 
 
@@ -125,17 +130,15 @@ def _trials(study: optuna.Study) -> list[tuple]:
 )
 def test_bad_search_space_entries_are_named(entry, message):
     config = load_config(data={"search_space": {"training.margin": entry}})
-    with pytest.raises(
-        tune.SearchSpaceError, match=rf"search_space\['training.margin'\].*{message}"
-    ):
-        tune.search_space(config)
+    with pytest.raises(SearchSpaceError, match=rf"search_space\['training.margin'\].*{message}"):
+        search_space(config)
 
 
 def test_a_key_that_does_not_fit_the_config_is_named():
     space = {"training.batch_size.size": {"type": "int", "low": 8, "high": 16}}
     config = method_config(load_config(data={"methods": {"m": {"search_space": space}}}), "m")
-    with pytest.raises(tune.SearchSpaceError, match=r"methods\.m\.search_space.*batch_size"):
-        tune.search_space(config)
+    with pytest.raises(SearchSpaceError, match=r"methods\.m\.search_space.*batch_size"):
+        search_space(config)
 
 
 def test_methods_extend_and_drop_the_shared_space():
@@ -151,8 +154,8 @@ def test_methods_extend_and_drop_the_shared_space():
             },
         }
     )
-    assert list(tune.search_space(method_config(config, "a"))) == ["optimizers.default.kwargs.lr"]
-    assert list(tune.search_space(method_config(config, "b"))) == [
+    assert list(search_space(method_config(config, "a"))) == ["optimizers.default.kwargs.lr"]
+    assert list(search_space(method_config(config, "b"))) == [
         "optimizers.default.kwargs.lr",
         "loss.kwargs.alpha",
         "training.m",
@@ -160,7 +163,7 @@ def test_methods_extend_and_drop_the_shared_space():
 
 
 def test_suggested_values_follow_their_space_and_decode_back():
-    space = tune.search_space(
+    space = search_space(
         load_config(
             data={
                 "search_space": {
@@ -183,12 +186,12 @@ def test_suggested_values_follow_their_space_and_decode_back():
     seen = []
     for _ in range(12):
         trial = study.ask()
-        params = tune.suggest(trial, space)
+        params = suggest(trial, space)
         study.tell(trial, 0.0)
         assert 1e-4 <= params["optimizers.default.kwargs.lr"] <= 1e-2
         assert params["training.m"] in (2, 4, 6, 8)
         assert params["embedder.kwargs.heads"] in ([[8, 64], [4, 32]], [[16, 128]])
-        assert tune.decode_params(space, trial.params) == params
+        assert decode_params(space, trial.params) == params
         seen.append(json.dumps(params["embedder.kwargs.heads"]))
     assert len(set(seen)) == 2
 
@@ -199,7 +202,7 @@ def test_best_yaml_is_a_config_the_runner_takes(tmp_path):
         "global_pool": {"optimizers.default.kwargs.lr": 0.004, "embedder.kwargs.pooling": "gem"}
     }
     path = tmp_path / "best.yaml"
-    path.write_text(yaml.safe_dump(tune.best_config(config, best, ["global_pool"], TRIALS)))
+    path.write_text(yaml.safe_dump(best_config(config, best, ["global_pool"], TRIALS)))
     tuned = load_config(path)
     assert tuned["name"] == "tiny_tune_tuned" and tuned["search_space"] is None
     method = method_config(tuned, "global_pool")
@@ -230,7 +233,7 @@ def test_best_yaml_holds_what_was_searched_and_the_table_says_so(tmp_path):
     methods["frozen"] = {"embedder": {"type": "frozen"}, "search_space": None}
     config = load_config(data={**TINY, "methods": methods})
     best = {"a": {"optimizers.default.kwargs.lr": 0.004}, "b": {}}
-    tuned = tune.best_config(config, best, ["a", "b", "frozen"], 2)
+    tuned = best_config(config, best, ["a", "b", "frozen"], 2)
     path = tmp_path / "best.yaml"
     path.write_text(yaml.safe_dump(tuned))
     tuned = load_config(path)
@@ -250,7 +253,7 @@ def test_best_yaml_holds_what_was_searched_and_the_table_says_so(tmp_path):
 @needs_omniglot
 @pytest.mark.slow
 def test_a_narrowed_search_then_run_publishes_a_true_budget_sentence(tmp_path):
-    from benchmarks import run as run_command
+    from benchmarks.protocol import runner as run_command
 
     methods = {
         "a": TINY["methods"]["global_pool"],
@@ -375,9 +378,9 @@ def test_trials_below_the_median_are_pruned_and_not_rerun(tmp_path):
             on_validation(epoch, lr * epoch)
         return {"val": {"mean_average_precision_at_r": 3 * lr}}
 
-    storage = tune.open_storage(str(tmp_path / "journal"))
-    study = tune.tune_method(config, "GlobalPoolEmbedder", storage, tmp_path, stub_unit, 6)
-    trials = tune.counted_trials(study, 6)
+    storage = open_storage(str(tmp_path / "journal"))
+    study = tune_method(config, "GlobalPoolEmbedder", storage, tmp_path, stub_unit, 6)
+    trials = counted_trials(study, 6)
     assert len(trials) == 6 == len(calls) == len(set(calls))
     # MedianPruner: once 2 trials are complete, a trial whose value at a step is below the
     # median of the complete trials' values at that step stops there (here at epoch 1).
@@ -408,9 +411,9 @@ def test_a_diverged_trial_ends_pruned_and_counts_in_the_budget(tmp_path):
             raise NonFiniteError("x contains NaN or infinite values")
         return {"val": {"mean_average_precision_at_r": float("nan") if lr > 0.3 else lr}}
 
-    storage = tune.open_storage(str(tmp_path / "journal"))
-    study = tune.tune_method(config, "GlobalPoolEmbedder", storage, tmp_path, stub_unit, 4)
-    trials = tune.counted_trials(study, 4)
+    storage = open_storage(str(tmp_path / "journal"))
+    study = tune_method(config, "GlobalPoolEmbedder", storage, tmp_path, stub_unit, 4)
+    trials = counted_trials(study, 4)
     assert len(trials) == 4 == len(study.trials)
     for trial in trials:
         lr = trial.params["optimizers.default.kwargs.lr"]
@@ -456,7 +459,7 @@ def test_search_never_embeds_test_classes(reference):
 def test_search_uses_its_budget_prunes_and_writes_best_yaml(reference):
     out, result = reference["out"], reference["result"]
     study = _study(out)
-    counted = tune.counted_trials(study, TRIALS)
+    counted = counted_trials(study, TRIALS)
     assert len(counted) == TRIALS == len(study.trials)
     assert {t.state for t in counted} <= {TrialState.COMPLETE, TrialState.PRUNED}
     for trial in counted:  # every validation was reported, and each trial has its folder
@@ -464,7 +467,7 @@ def test_search_uses_its_budget_prunes_and_writes_best_yaml(reference):
         assert sorted(trial.intermediate_values) == list(range(1, epochs + 1))
         unit = out / TRIAL_FOLDERS / f"trial{trial.number:04d}" / "seed0" / "fold0"
         assert (unit / "config.yaml").is_file() and (unit / "logs" / "logs.db").is_file()
-    best = tune.best_trial(study, TRIALS)
+    best = best_trial(study, TRIALS)
     folder = out / TRIAL_FOLDERS / f"trial{best.number:04d}" / "seed0" / "fold0"
     unit_result = json.loads((folder / RESULTS).read_text())
     assert best.value == unit_result["val"]["mean_average_precision_at_r"]
@@ -509,7 +512,7 @@ def test_killed_search_resumes_to_the_uninterrupted_search(reference, tmp_path):
     assert [t.number for t in failed] == [target]
     retry = [t for t in study.trials if t.user_attrs.get("retry_of") == target]
     assert len(retry) == 1 and retry[0].params == failed[0].params
-    roots = {tune.root_number(t) for t in tune.counted_trials(study, TRIALS)}
+    roots = {root_number(t) for t in counted_trials(study, TRIALS)}
     assert target in roots and len(roots) == TRIALS  # the retry ran in its folder, once
     folders = sorted(p.name for p in (out / TRIAL_FOLDERS).iterdir())
     assert folders == [f"trial{n:04d}" for n in sorted(roots)]
@@ -518,7 +521,7 @@ def test_killed_search_resumes_to_the_uninterrupted_search(reference, tmp_path):
 
 
 def _assert_workers_shared(study: optuna.Study, out: Path) -> None:
-    counted = tune.counted_trials(study, TRIALS)
+    counted = counted_trials(study, TRIALS)
     assert len(counted) == TRIALS
     for trial in study.get_trials(states=(TrialState.FAIL,)):
         assert trial.user_attrs.get("over_budget"), trial  # only trials left without budget
@@ -555,7 +558,7 @@ def test_a_dead_worker_on_rdb_storage_is_found_by_optunas_heartbeat(tmp_path, re
     process = _start(argv, "benchmarks.tune")
     killed_unit = out / "tiny_beat" / "tune" / "global_pool" / "trial0000" / "seed0" / "fold0"
     _kill_at_marker(process, killed_unit, 180)
-    opened = tune.open_storage(storage)
+    opened = open_storage(storage)
     study = optuna.load_study(study_name="tiny_beat/global_pool", storage=opened)
     (dead,) = study.get_trials(states=(TrialState.RUNNING,))
     opened.set_trial_user_attr(dead._trial_id, "host", "another-machine")  # noqa: SLF001
@@ -566,11 +569,11 @@ def test_a_dead_worker_on_rdb_storage_is_found_by_optunas_heartbeat(tmp_path, re
     study = optuna.load_study(study_name="tiny_beat/global_pool", storage=opened)
     failed = study.get_trials(states=(TrialState.FAIL,))
     assert [t.number for t in failed] == [dead.number]
-    retries = [t for t in study.trials if tune.root_number(t) == dead.number and t is not failed[0]]
+    retries = [t for t in study.trials if root_number(t) == dead.number and t is not failed[0]]
     retries = [t for t in retries if t.number != dead.number]
     assert len(retries) == 1 and retries[0].params == dead.params
     assert retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
-    assert len(tune.counted_trials(study, TRIALS)) == TRIALS
+    assert len(counted_trials(study, TRIALS)) == TRIALS
     env = json.loads((killed_unit / "env.json").read_text())
     assert env["resumes"], "the retry did not resume the dead trial's unit"
 
@@ -581,5 +584,5 @@ def test_committed_configs_search_spaces_fit_their_methods():
     for path in configs:
         config = load_config(path)
         for name in method_names(config):
-            tuned += bool(tune.search_space(method_config(config, name)))
+            tuned += bool(search_space(method_config(config, name)))
     assert tuned >= 5  # omniglot_tune.yaml's trained heads at least

@@ -56,16 +56,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-
-from pml_crt.models import CRT, GlobalPoolEmbedder, MultiHeadCRT, NetVLAD
 
 from .common import DEFAULT_OUT, REPO_ROOT, Run, interleaved_times, load_average, summarize
 from .flops import count_flops, head_matmul_flops
-from .memory import LiveTensorMemory, measure_peak
+from .head_memory import forward_bytes, memory_model_fit, memory_sweeps
+from .heads import HEADS, build_head, feature_map, multihead_specs, train_step
+from .memory import measure_peak
 
-HEADS = ("avg", "gem", "netvlad", "crt", "crt_sum", "multihead")
 BASE = {"B": 32, "side": 7, "C": 1280, "K": 64, "D": 512}
 SWEEPS = {
     "B": [8, 32, 128],
@@ -89,47 +87,6 @@ ALLOCATOR_SETTINGS = {
 }
 
 MODULE = "benchmarks.perf.head_cost"
-
-
-def multihead_specs(K: int, D: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """The two heads of ``multihead`` at ``(K, D)``: ``(K, D)`` and ``(K // 2, D // 4)``."""
-    return (K, D), (max(K // 2, 1), max(D // 4, 1))
-
-
-def build_head(name: str, C: int, K: int, D: int) -> torch.nn.Module:
-    """One head of :data:`HEADS` with default options (``d = min(C, 512)``)."""
-    if name == "avg":
-        return GlobalPoolEmbedder(C, D, pooling="avg")
-    if name == "gem":
-        return GlobalPoolEmbedder(C, D, pooling="gem")
-    if name == "netvlad":
-        return NetVLAD(C, D, K)
-    if name == "crt":
-        return CRT(C, D, K)
-    if name == "crt_sum":
-        return CRT(C, D, K, fusion="sum")
-    if name == "multihead":
-        return MultiHeadCRT(C, heads=multihead_specs(K, D))
-    raise ValueError(f"unknown head {name!r}")
-
-
-def feature_map(B: int, C: int, side: int, seed: int = 0) -> torch.Tensor:
-    """A post-ReLU ``(B, C, side, side)`` feature map that requires a gradient."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(B, C, side, side, generator=generator).relu_().requires_grad_()
-
-
-def train_step(head: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
-    """``head(x).sum().backward()`` with gradients reset to None first (as ``zero_grad``)."""
-    params = [p for p in head.parameters() if p.requires_grad]
-
-    def step() -> None:
-        for p in params:
-            p.grad = None
-        x.grad = None
-        head(x).sum().backward()
-
-    return step
 
 
 def matched_matmul(flops: float, seed: int = 0) -> tuple[Callable[[], Any], int]:
@@ -249,96 +206,6 @@ def grid_points(base: dict[str, int], sweeps: dict[str, list[int]]) -> list[tupl
             if value != base[factor]:
                 points.append((factor, {**base, factor: value}))
     return points
-
-
-def forward_bytes(head: torch.nn.Module, x: torch.Tensor) -> int:
-    """Bytes alive after the forward pass: what autograd saved for backward, plus the output."""
-    for p in head.parameters():
-        p.grad = None
-    with LiveTensorMemory() as mem:
-        out = head(x)
-        live = mem.live
-    del out
-    return live
-
-
-def _linear_fit(xs: np.ndarray, ys: np.ndarray) -> dict[str, float]:
-    slope, intercept = np.polyfit(xs, ys, 1)
-    fitted = slope * xs + intercept
-    r2 = 1 - float(((ys - fitted) ** 2).sum() / ((ys - ys.mean()) ** 2).sum())
-    return {"slope_bytes": float(slope), "intercept_bytes": float(intercept), "r2": r2}
-
-
-def memory_sweeps(base: dict[str, int], sweeps: dict[str, list[int]]) -> dict:
-    """CRT and NetVLAD memory over ``N`` and ``K``, with linear fits for CRT.
-
-    Two measures: the peak of forward + backward (parameter gradients
-    included, e.g. the fusion weight's ``K*d*D``) and the bytes alive after
-    the forward pass (the activations saved for backward), against what one
-    ``(B, N, K, d)`` float32 residual tensor would take.
-    """
-    out: dict[str, Any] = {}
-    d = min(base["C"], 512)
-    for factor, values in sweeps.items():
-        rows = []
-        for value in values:
-            point = {**base, factor: value}
-            B, side, C, K, D = (point[k] for k in ("B", "side", "C", "K", "D"))
-            x = feature_map(B, C, side)
-            row = {"value": value, "N": side * side, "K": K}
-            for name in ("crt", "netvlad"):
-                torch.manual_seed(0)
-                head = build_head(name, C, K, D)
-                step = train_step(head, x)
-                step()
-                row[f"{name}_peak_bytes"] = measure_peak(step)["peak"]
-                row[f"{name}_forward_bytes"] = forward_bytes(head, x)
-            row["residual_tensor_bytes"] = 4 * B * side * side * K * d
-            rows.append(row)
-        variable = "N" if factor == "side" else "K"
-        xs = np.array([r[variable] for r in rows], dtype=float)
-        per_unit = 4 * base["B"] * (base["K"] * d if factor == "side" else base["side"] ** 2 * d)
-        out[factor] = {
-            "variable": variable,
-            "rows": rows,
-            "crt_fit": _linear_fit(xs, np.array([r["crt_peak_bytes"] for r in rows], float)),
-            "crt_forward_fit": _linear_fit(
-                xs, np.array([r["crt_forward_bytes"] for r in rows], float)
-            ),
-            "residual_tensor_slope_bytes": per_unit,
-        }
-    return out
-
-
-def memory_model_fit(points: list[dict], key: str, terms: list[str]) -> dict:
-    """Non-negative least squares of CRT's ``key`` bytes on products of the sizes in ``terms``.
-
-    Each term is a product such as ``"B*N*K"`` (``"1"`` is a constant); the
-    coefficients are bytes per element.
-    """
-    from scipy.optimize import nnls
-
-    def value(p: dict, term: str) -> float:
-        out = 1.0
-        for name in term.split("*"):
-            out *= 1.0 if name == "1" else p[name]
-        return out
-
-    a = np.array([[value(p, t) for t in terms] for p in points], dtype=float)
-    y = np.array([p[key] for p in points], dtype=float)
-    scale = np.abs(a).max(axis=0)
-    coef, _ = nnls(a / scale, y)
-    coef = coef / scale
-    fitted = a @ coef
-    r2 = 1 - float(((y - fitted) ** 2).sum() / ((y - y.mean()) ** 2).sum())
-    return {
-        "measure": key,
-        "terms": terms,
-        "bytes_per_element": [float(c) for c in coef],
-        "r2": r2,
-        "max_relative_error": float(np.max(np.abs(fitted - y) / y)),
-        "n_points": len(y),
-    }
 
 
 def check_cost(points: list[dict[str, int]], rounds: int) -> list[dict]:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from .common import DEFAULT_OUT, Run, interleaved_times, load_average, load_baseline, summarize
-from .head_cost import feature_map, train_step
+from .heads import feature_map, train_step
 from .memory import measure_peak
 
 MODULE = "benchmarks.perf.model_changes"

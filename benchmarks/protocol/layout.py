@@ -3,7 +3,7 @@
 ``<out>/<config name>/<method>/seed<k>/fold<p>/`` holds one unit: ``config.yaml``,
 ``env.json``, ``logs/``, ``models/``, ``results.json`` once it finished
 (:data:`RESULTS`), its test embeddings (:data:`EMBEDDINGS`) and, while unfinished,
-its resume point (``resume/resume.json``, :mod:`benchmarks.resume`).
+its resume point (``resume/resume.json``, :mod:`benchmarks.protocol.resume`).
 """
 
 from __future__ import annotations

@@ -12,11 +12,27 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .build import check_arguments
-from .config import method_config
+from .config import ConfigError, method_config
 from .splits import mlrc_split
-from .unit import check_batch
 
-__all__ = ["check_methods"]
+__all__ = ["check_batch", "check_methods"]
+
+
+def check_batch(
+    split_name: str, classes: int, config: Mapping[str, Any], world_size: int = 1
+) -> None:
+    """Refuse a batch size that ``MPerClassSampler`` (or the processes) cannot split."""
+    batch, m = int(config["training"]["batch_size"]), int(config["training"]["m"])
+    if batch % m or m * classes < batch:
+        raise ConfigError(
+            f"training.batch_size={batch} must be a multiple of training.m={m} and at most "
+            f"m * (number of {split_name} classes = {classes}) = {m * classes}"
+        )
+    if batch % world_size:
+        raise ConfigError(
+            f"training.batch_size={batch} (the global batch) must be a multiple of the number "
+            f"of processes, {world_size}"
+        )
 
 
 def check_methods(

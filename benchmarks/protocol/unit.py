@@ -4,7 +4,7 @@
 batches, the method's PML loss and miner), validates every ``test_interval`` epochs
 with ``testers.GlobalEmbeddingSpaceTester`` through ``logging_presets.HookContainer``
 (record-keeper logs, best checkpoint by validation MAP@R, early stopping with
-``patience``), writes a resume point after every validation (:mod:`benchmarks.resume`),
+``patience``), writes a resume point after every validation (:mod:`benchmarks.protocol.resume`),
 reloads the best checkpoint, evaluates it on the reported classes and writes
 ``results.json``. ``benchmarks.run`` runs every unit of a config with it and
 ``benchmarks.tune`` the units of its trials.
@@ -19,7 +19,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,6 @@ from pytorch_metric_learning.utils import logging_presets
 from torch.utils.data import DataLoader, Dataset
 
 from pml_crt.models.prototype_init import init_from_data
-from pml_crt.utils import make_accuracy_calculator
 from pml_crt.utils.distributed import RankShardSampler
 
 from . import distributed as ddp
@@ -47,19 +46,14 @@ from .build import (
 from .cache import TrunkTail
 from .config import ConfigError
 from .data import class_subset
+from .evaluation import make_calculator, metric_values, report_split
 from .layout import EMBEDDINGS, RESULTS, RESUME, Log, save_atomic, write_atomic
 from .metrics import BenchmarkAccuracyCalculator
 from .pipeline import DataPipeline
+from .preflight import check_batch
 from .splits import FoldSplit, mlrc_split
 
-__all__ = [
-    "make_calculator",
-    "metric_values",
-    "report_split",
-    "run_unit",
-    "seed_everything",
-    "sigint_held",
-]
+__all__ = ["run_unit", "seed_everything", "sigint_held"]
 
 # ``on_validation(epoch, value)``: see :func:`run_unit`.
 OnValidation = Callable[[int, float], None]
@@ -70,52 +64,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def metric_values(accuracies: Mapping[str, Any], names: Sequence[str]) -> dict[str, float]:
-    """The values of ``names`` among PML's ``accuracies`` (``<name>_level0`` or ``<name>``)."""
-    out = {}
-    for name in names:
-        for key in (f"{name}_level0", name):
-            if key in accuracies:
-                value = accuracies[key]  # sqlite hands a stored NaN back as None
-                out[name] = float("nan") if value is None else float(value)
-                break
-    return out
-
-
-def make_calculator(config: Mapping[str, Any]) -> BenchmarkAccuracyCalculator:
-    return make_accuracy_calculator(
-        include=tuple(config["eval"]["metrics"]),
-        k="max_bin_count",
-        prefer_faiss=bool(config["eval"].get("prefer_faiss", True)),
-        calculator_class=BenchmarkAccuracyCalculator,
-    )
-
-
-def report_split(config: Mapping[str, Any]) -> str:
-    """``"test"`` or ``"val"``: which classes the results and tables report."""
-    split = config["eval"].get("split", "test")
-    if split not in ("test", "val"):
-        raise ConfigError(f"eval.split must be 'test' or 'val', got {split!r}")
-    return split
-
-
-def check_batch(
-    split_name: str, classes: int, config: Mapping[str, Any], world_size: int = 1
-) -> None:
-    """Refuse a batch size that ``MPerClassSampler`` (or the processes) cannot split."""
-    batch, m = int(config["training"]["batch_size"]), int(config["training"]["m"])
-    if batch % m or m * classes < batch:
-        raise ConfigError(
-            f"training.batch_size={batch} must be a multiple of training.m={m} and at most "
-            f"m * (number of {split_name} classes = {classes}) = {m * classes}"
-        )
-    if batch % world_size:
-        raise ConfigError(
-            f"training.batch_size={batch} (the global batch) must be a multiple of the number "
-            f"of processes, {world_size}"
-        )
 
 
 @contextlib.contextmanager
@@ -505,7 +453,7 @@ def run_unit(
     continues from that epoch; any other unfinished unit folder is started over.
     Under ``torchrun`` every rank calls it; rank 0 alone writes the folder and
     returns the results, the other ranks train with it and return ``None``
-    (see :mod:`benchmarks.distributed`).
+    (see :mod:`benchmarks.protocol.distributed`).
 
     ``on_validation(epoch, value)`` (single process only) is called after each
     validation with the epoch's value of ``eval.primary_metric``, before the

@@ -21,14 +21,15 @@ from typing import Any
 
 import torch
 
+from benchmarks.reports.markdown import markdown_table
 from pml_crt.utils.stats import format_mean_ci, mean_ci95
 
 from .config import method_config, method_names
 from .data import Source
+from .evaluation import make_calculator, metric_values, report_split
 from .layout import EMBEDDINGS, RESULTS, unit_dir, unit_folds, write_atomic
 from .metrics import BenchmarkAccuracyCalculator
 from .provenance import published_provenance
-from .unit import make_calculator, metric_values, report_split
 
 __all__ = [
     "TABLE_METRICS",
@@ -205,7 +206,7 @@ def results_table(rows: Sequence[Mapping[str, Any]], seeds: Sequence[int]) -> st
         + (["evaluation"] if show_evaluation else [])
         + [TABLE_METRICS[m] for m in columns]
     )
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    body = []
     for (method, evaluation), group in groups.items():
         cells = [method] + ([_EVALUATION_LABELS[evaluation]] if show_evaluation else [])
         cells += [
@@ -214,8 +215,8 @@ def results_table(rows: Sequence[Mapping[str, Any]], seeds: Sequence[int]) -> st
             else format_mean_ci([r[m] for r in group])
             for m in columns
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + _table_note(seeds, columns)
+        body.append(cells)
+    return markdown_table(header, body) + _table_note(seeds, columns)
 
 
 def results_csv(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> str:
@@ -300,8 +301,9 @@ def publish_results(
 ) -> None:
     """Write ``<folder>/<name>.md`` (table + how it was made) and ``<folder>/<name>.csv``.
 
-    With ``run_root``, then the plots of ``benchmarks.plots.write_plots`` (``<name>_*.png``);
-    a plotting failure only warns: the table and values are already written.
+    With ``run_root``, then the plots of ``benchmarks.reports.plots.write_plots``
+    (``<name>_*.png``); a plotting failure only warns: the table and values are already
+    written.
     """
     provenance = published_provenance(name, device, command, run_root)
     folder.mkdir(parents=True, exist_ok=True)
@@ -309,7 +311,7 @@ def publish_results(
     write_atomic(folder / f"{name}.csv", results_csv(rows, metrics))
     if run_root is not None:
         try:
-            from .plots import write_plots
+            from benchmarks.reports.plots import write_plots
 
             write_plots(run_root, folder, name)
         except Exception as error:  # e.g. matplotlib missing: the results are safe already

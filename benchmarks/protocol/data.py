@@ -2,7 +2,7 @@
 
 :func:`load_source` returns all images of a dataset with labels ``0 .. C-1``
 in sorted class order (by class id, or by (alphabet, character) for
-Omniglot); the MLRC split (:mod:`benchmarks.splits`) then picks classes by
+Omniglot); the MLRC split (:mod:`benchmarks.protocol.splits`) then picks classes by
 position. For CUB this is the union of PML's "train" and "test" splits: on the
 full dataset the first half is exactly MLRC's 100 train+val classes; on the
 local 100-species subset (58 species with ids 1-100, 42 with ids 101-200) it

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 import pml_crt
+from benchmarks.perf.common import cpu_model
 
 from .layout import RESULTS
-from .perf.common import cpu_model
 
 __all__ = ["environment", "git_commit", "published_provenance", "unit_provenance", "unit_seconds"]
 
