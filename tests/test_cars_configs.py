@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import run as bench
-from benchmarks.build import caches_frozen_stages
-from benchmarks.config import load_config, method_config, method_names
+from benchmarks.protocol import runner as bench
+from benchmarks.protocol.build import caches_frozen_stages
+from benchmarks.protocol.config import load_config, method_config, method_names
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "benchmarks" / "configs"
