@@ -1118,7 +1118,10 @@ def test_published_table_names_the_commits_and_time_of_its_units(tmp_path):
         unit.mkdir(parents=True)
         env = {"git_commit": commit, "torch_threads": threads}
         (unit / "env.json").write_text(json.dumps(env))
-        (unit / "results.json").write_text(json.dumps({"total_time_s": 40.0 + seed}))
+        times = {"total_time_s": 40.0 + seed, "eval_time_s": 2.0, "trained": method == "b"}
+        # b trains (10 s at seed 0, 30 s at seed 1); a is untrained (its validation, 5 s)
+        times["train_time_s"] = 5.0 if method == "a" else 10.0 + 20 * seed
+        (unit / "results.json").write_text(json.dumps(times))
     rows = [{"method": "a", "evaluation": "separate", "seed": 0, "fold": "", "p": 0.5}]
     publish_results(tmp_path / "out", "t", "table", rows, ["p"], torch.device("cpu"), "cmd", root)
     text = (tmp_path / "out" / "t.md").read_text()
@@ -1127,6 +1130,12 @@ def test_published_table_names_the_commits_and_time_of_its_units(tmp_path):
         "`c1` (1 units, 2 torch threads), `c2` (1 units, 2 torch threads)" in text
     )
     assert "Time of the 4 finished units, summed: 2.7 min" in text  # (40 + 41 + 40 + 41) s
+    # the trained units only (b): training 10 and 30 s, testing 2, totals 40 and 41, and the
+    # rest (40 - 10 - 2 = 28, 41 - 30 - 2 = 9) is building the model and caches
+    assert (
+        "Per trained unit, median (range): training 20 s (10-30), testing 2 s (2-2), "
+        "total 40 s (40-41); the rest of the total, 18 s (9-28), is building" in text
+    )
 
 
 @needs_omniglot

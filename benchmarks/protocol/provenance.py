@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -25,7 +26,14 @@ from benchmarks.perf.common import cpu_model
 
 from .layout import RESULTS
 
-__all__ = ["environment", "git_commit", "published_provenance", "unit_provenance", "unit_seconds"]
+__all__ = [
+    "environment",
+    "git_commit",
+    "published_provenance",
+    "trained_unit_times",
+    "unit_provenance",
+    "unit_seconds",
+]
 
 
 @functools.cache
@@ -117,6 +125,25 @@ def unit_seconds(run_root: Path, method: str = "*") -> list[float]:
     return seconds
 
 
+def trained_unit_times(run_root: Path) -> list[tuple[float, float, float]]:
+    """``(train_time_s, eval_time_s, total_time_s)`` of every finished unit that trained."""
+    times = []
+    for results_file in sorted(run_root.glob(f"*/seed*/fold*/{RESULTS}")):
+        try:
+            result = json.loads(results_file.read_text())
+            row = tuple(float(result[k]) for k in ("train_time_s", "eval_time_s", "total_time_s"))
+        except (OSError, ValueError, KeyError):
+            continue
+        if result.get("trained", True):  # an untrained unit's "training" is its validation
+            times.append(row)
+    return times
+
+
+def _median_range(values: list[float]) -> str:
+    """``"193 s (174-732)"``: the median and the range, in whole seconds."""
+    return f"{statistics.median(values):.0f} s ({min(values):.0f}-{max(values):.0f})"
+
+
 def unit_provenance(run_root: Path | None) -> str:
     """The commits the units of a run folder ran (``env.json``) and their total time, as lines."""
     if run_root is None:
@@ -136,6 +163,16 @@ def unit_provenance(run_root: Path | None) -> str:
             f"Time of the {len(seconds)} finished units, summed: {sum(seconds) / 60:.1f} min "
             "(each unit's `total_time_s`, which includes the caches a unit built for its "
             "process, or waited for while another process built them).\n"
+        )
+    trained = trained_unit_times(run_root)
+    if trained:
+        train, evaluate, total = zip(*trained, strict=True)
+        rest = [t - a - b for a, b, t in trained]
+        lines += (
+            f"Per trained unit, median (range): training {_median_range(list(train))}, "
+            f"testing {_median_range(list(evaluate))}, total {_median_range(list(total))}; "
+            f"the rest of the total, {_median_range(rest)}, is building the model and "
+            "the caches (or waiting for another process to build them).\n"
         )
     return lines
 
