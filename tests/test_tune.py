@@ -20,6 +20,8 @@ import json
 import os
 import signal
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -586,3 +588,28 @@ def test_committed_configs_search_spaces_fit_their_methods():
         for name in method_names(config):
             tuned += bool(search_space(method_config(config, name)))
     assert tuned >= 5  # omniglot_tune.yaml's trained heads at least
+
+
+def test_best_yaml_orders_its_sections_whatever_the_hash_seed():
+    """best.yaml's sections follow the search space, not a set's PYTHONHASHSEED-dependent order."""
+    script = (
+        "from pathlib import Path\n"
+        "from benchmarks.protocol.config import load_config\n"
+        "from benchmarks.search.best_config import best_config\n"
+        "config = load_config(Path('benchmarks/configs/cub224_tune.yaml'))\n"
+        "best = {'crt': {'optimizers.default.kwargs.lr': 1e-4, 'loss.kwargs.alpha': 2.0,\n"
+        "                'miner.kwargs.epsilon': 0.1, 'embedder.kwargs.temperature': 0.1}}\n"
+        "print(list(best_config(config, best, ['crt'], 3)['methods']['crt']))\n"
+    )
+    orders = {
+        subprocess.run(
+            [sys.executable, "-c", script],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in range(6)
+    }
+    assert orders == {"['embedder', 'optimizers', 'loss', 'miner']\n"}

@@ -55,7 +55,8 @@ def best_config(
         (partial or {}).pop("search_space", None)
     for name, params in best.items():
         resolved = apply_params(method_config(config, name), params)
-        sections = {key: resolved[key] for key in {k.split(".")[0] for k in params}}
+        # in the order of the search space (a set would order them by PYTHONHASHSEED)
+        sections = {key: resolved[key] for key in dict.fromkeys(k.split(".")[0] for k in params)}
         if tuned.get("methods"):
             tuned["methods"][name] = {**(tuned["methods"].get(name) or {}), **sections}
         else:
