@@ -38,6 +38,7 @@ from benchmarks.protocol.build import build_embedder
 from benchmarks.protocol.config import load_config, method_config
 from pml_crt.trunks import feature_map_trunk
 from tests.test_benchmark_resume import (
+    HANG_GUARD_S,
     UNIT,
     _argv,
     _assert_same,
@@ -217,7 +218,7 @@ def test_killed_two_process_run_resumes_exactly(tmp_path):
         [*command, *_argv(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     try:
-        _wait_for_marker(process, unit, 180)
+        _wait_for_marker(process, unit, HANG_GUARD_S)
     finally:
         _kill_tree(process.pid)  # torchrun and both workers
         process.wait()

@@ -122,3 +122,28 @@ def test_multihead_with_global_branches_equals_its_heads_alone():
     alone = torch.cat([head(x) for head in multi.heads], dim=1)
     torch.testing.assert_close(multi(x), alone, atol=1e-12, rtol=0)
     assert {"global_branch.linear.weight"} <= {n for n, _ in multi.heads[0].named_parameters()}
+
+
+def test_multihead_default_starts_as_gem_heads_and_none_gives_the_01_heads():
+    torch.manual_seed(0)
+    multi = MultiHeadCRT(6, heads=[(4, 8), (2, 6)], projection_dim=5).double().train()
+    x = torch.rand(3, 6, 2, 2, dtype=torch.float64)
+    pooled = []
+    for head, width in zip(multi.heads, (8, 6), strict=True):
+        assert head.global_pooling == "gem"
+        pool = GlobalPoolEmbedder(6, width, pooling="gem").double()
+        pool.load_state_dict(head.global_branch.state_dict())
+        pooled.append(pool(x))
+    torch.testing.assert_close(multi(x), torch.cat(pooled, dim=1), atol=0, rtol=0)
+    # A head's dict overrides the shared choice; None gives 0.1.0's heads and loads their state.
+    mixed = MultiHeadCRT(
+        6,
+        heads=[(4, 8), {"num_prototypes": 2, "embedding_size": 6, "global_pooling": None}],
+        projection_dim=5,
+    )
+    assert [h.global_pooling for h in mixed.heads] == ["gem", None]
+    old = MultiHeadCRT(6, heads=[(4, 8)], projection_dim=5, global_pooling=None)
+    assert old.heads[0].global_branch is None
+    assert not any("global_branch" in key for key in old.state_dict())
+    with pytest.raises(RuntimeError, match="global_branch"):
+        MultiHeadCRT(6, heads=[(4, 8)], projection_dim=5).load_state_dict(old.state_dict())

@@ -45,7 +45,13 @@ from benchmarks.search.storage import JOURNAL, open_storage
 from benchmarks.search.study import tune_method
 from benchmarks.search.trials import best_trial, counted_trials, root_number
 from pml_crt.utils.validation import NonFiniteError
-from tests.test_benchmark_resume import _kill_at_marker, _marker_epoch, _start, _wait_for_marker
+from tests.test_benchmark_resume import (
+    HANG_GUARD_S,
+    _kill_at_marker,
+    _marker_epoch,
+    _start,
+    _wait_for_marker,
+)
 
 pytest_plugins = ["postgres_server"]
 
@@ -503,7 +509,7 @@ def test_killed_search_resumes_to_the_uninterrupted_search(reference, tmp_path):
         t.number for t in _study(reference["out"]).trials if len(t.intermediate_values) > 1
     )
     killed_unit = out / TRIAL_FOLDERS / f"trial{target:04d}" / "seed0" / "fold0"
-    _kill_at_marker(process, killed_unit, 180)
+    _kill_at_marker(process, killed_unit, HANG_GUARD_S)
     killed_at = _marker_epoch(killed_unit)
 
     tune.main(argv)  # the same command again
@@ -559,7 +565,7 @@ def test_a_dead_worker_on_rdb_storage_is_found_by_optunas_heartbeat(tmp_path, re
     argv = ["--config", str(path), "--out", str(out), "--storage", storage, "--no-progress"]
     process = _start(argv, "benchmarks.tune")
     killed_unit = out / "tiny_beat" / "tune" / "global_pool" / "trial0000" / "seed0" / "fold0"
-    _kill_at_marker(process, killed_unit, 180)
+    _kill_at_marker(process, killed_unit, HANG_GUARD_S)
     opened = open_storage(storage)
     study = optuna.load_study(study_name="tiny_beat/global_pool", storage=opened)
     (dead,) = study.get_trials(states=(TrialState.RUNNING,))

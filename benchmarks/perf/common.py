@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import platform
@@ -24,6 +25,7 @@ __all__ = [
     "DEFAULT_OUT",
     "REPO_ROOT",
     "Run",
+    "coded_residual_heads_only",
     "command_line",
     "interleaved_times",
     "load_average",
@@ -110,6 +112,21 @@ def load_baseline(rev: str, into: Path) -> ModuleType:
     (into / "pml_crt").rename(into / "pml_crt_before")
     sys.path.insert(0, str(into))
     return importlib.import_module("pml_crt_before")
+
+
+def coded_residual_heads_only(cls: type) -> dict[str, Any]:
+    """``{"global_pooling": None}`` where ``cls`` names that argument, else ``{}``.
+
+    ``MultiHeadCRT`` has had a GeM branch by default since after the baselines these
+    scripts compare with, which have no such argument; with this, both revisions build
+    the same model (coded-residual heads only), so a ratio measures the code.
+    """
+    named = inspect.signature(cls).parameters.get("global_pooling")
+    return (
+        {}
+        if named is None or named.kind is inspect.Parameter.VAR_KEYWORD
+        else {"global_pooling": None}
+    )
 
 
 def interleaved_times(

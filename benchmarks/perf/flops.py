@@ -17,7 +17,8 @@ Forward matrix products per head:
   projection ``2*B*N*C*d``, projections ``X P̂^T`` ``2*B*N*d*K``,
   ``A^T X`` ``2*B*K*N*d``, fusion Linear ``2*B*K*d*D`` (``fusion="sum"``:
   ``2*B*K*d*D`` as well, one ``d -> D`` Linear per prototype).
-- ``multihead`` (:class:`~pml_crt.models.MultiHeadCRT`): the sum over heads.
+- ``multihead`` (:class:`~pml_crt.models.MultiHeadCRT`, its defaults): the sum
+  over heads of ``crt`` plus each head's GeM branch, ``2*B*C*D_h``.
 
 Backward: every one of these products has both operands requiring a gradient
 when the input feature map does (as it does when the trunk is trained), so
@@ -67,7 +68,11 @@ def head_matmul_flops(
     elif head == "multihead":
         if not heads:
             raise ValueError("heads=((K_h, D_h), ...) is required for 'multihead'")
-        forward = sum(head_matmul_flops("crt", B=B, N=N, C=C, K=k, D=e, d=d) for k, e in heads)
+        forward = sum(
+            head_matmul_flops("crt", B=B, N=N, C=C, K=k, D=e, d=d)
+            + head_matmul_flops("gem", B=B, N=N, C=C, K=k, D=e)
+            for k, e in heads
+        )
     else:
         raise ValueError(f"unknown head {head!r}")
     return 3 * forward if backward else forward

@@ -15,7 +15,8 @@ gradients compared.
 Changes measured:
 
 - ``MultiHeadCRT``: the heads share the token view and the input check, and
-  their input projections run as one stacked GEMM;
+  their input projections run as one stacked GEMM (both sides without the GeM
+  branch, :func:`~benchmarks.perf.common.coded_residual_heads_only`);
 - ``GlobalPoolEmbedder(pooling="gem")``: ``x ** p`` as ``exp(p * log x)``
   (no transcendental functions in backward);
 - ``CRT`` (refactored into private code/embed steps only) and the average-pool
@@ -32,7 +33,15 @@ from typing import Any
 
 import torch
 
-from .common import DEFAULT_OUT, Run, interleaved_times, load_average, load_baseline, summarize
+from .common import (
+    DEFAULT_OUT,
+    Run,
+    coded_residual_heads_only,
+    interleaved_times,
+    load_average,
+    load_baseline,
+    summarize,
+)
 from .heads import feature_map, train_step
 from .memory import measure_peak
 
@@ -62,8 +71,11 @@ def measure(case: dict[str, Any], before_models: Any, rounds: int) -> dict[str, 
 
     side = 14 if "14x14" in case["name"] else 7
     torch.manual_seed(0)
-    after = getattr(after_models, case["cls"])(*case["args"], **_kwargs(case)).train()
-    before = getattr(before_models, case["cls"])(*case["args"], **_kwargs(case)).train()
+    modules = {}
+    for label, package in (("after", after_models), ("before", before_models)):
+        cls = getattr(package, case["cls"])
+        modules[label] = cls(*case["args"], **_kwargs(case), **coded_residual_heads_only(cls))
+    after, before = modules["after"].train(), modules["before"].train()
     before.load_state_dict(after.state_dict())
     x = feature_map(case["B"], 1280, side)
     steps = {"before": train_step(before, x), "after": train_step(after, x)}

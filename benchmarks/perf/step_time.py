@@ -16,7 +16,10 @@ Steps (forward, backward, ``SGD`` step; PML's Multi-Similarity loss and miner):
   with the miner's pairs;
 - ``multihead``: ``MultiHeadCRT(C)`` (defaults: heads ``((64, 512), (32, 128))``)
   + ``MultiHeadLoss(MultiSimilarityLoss(), sizes, miner=MultiSimilarityMiner())``
-  (consistency on, default weight 1).
+  (consistency on, default weight 1), with the coded-residual heads only
+  (``global_pooling=None`` where the revision has that argument): the same model
+  on both sides, so the ratio measures the code, not the GeM branch that became
+  the default after the baseline.
 
 Each step of both sides is timed side by side, in rotating order
 (:func:`benchmarks.perf.common.interleaved_times`); the report gives medians,
@@ -51,6 +54,7 @@ from .common import (
     DEFAULT_OUT,
     REPO_ROOT,
     Run,
+    coded_residual_heads_only,
     interleaved_times,
     load_average,
     load_baseline,
@@ -197,7 +201,7 @@ def build_step(
         loss = losses.MultiSimilarityLoss()
         miner = miners.MultiSimilarityMiner()
     elif case == "multihead":
-        model = models.MultiHeadCRT(channels)
+        model = models.MultiHeadCRT(channels, **coded_residual_heads_only(models.MultiHeadCRT))
         multi_head_loss = importlib.import_module(f"{package.__name__}.losses").MultiHeadLoss
         loss = multi_head_loss(
             losses.MultiSimilarityLoss(),
