@@ -133,3 +133,15 @@ def test_a_dataset_split_over_sweeps_pairs_each_candidate_with_its_own_base(swee
     for lr in LRS:
         mean, _ = parts["risky"].cells[("cub", lr)]
         assert mean == pytest.approx(whole["risky"].cells[("cub", lr)][0] - 0.01, abs=1e-12)
+
+
+def test_a_dataset_still_to_run_makes_the_report_provisional(sweeps):
+    paths, _ = sweeps
+    candidates = defaults_grid.grid_cells(paths[:1], ["safe", "safer_mean"], "linear", LRS)
+    text = defaults_grid.markdown(candidates, "linear", paths[:1], "cmd", ["omni", "cub", "cars"])
+    assert "**Provisional: `" in text and "leads** on omni; cub, cars have not run yet" in text
+    assert "Chosen" not in text
+    whole = defaults_grid.markdown(candidates, "linear", paths[:1], "cmd", ["omni"])
+    assert "**Chosen: `" in whole
+    with pytest.raises(ValueError, match=r"sweeps of \['omni'\], which are not among"):
+        defaults_grid.markdown(candidates, "linear", paths[:1], "cmd", ["cub"])

@@ -4,6 +4,7 @@
         --candidates mh_default mh_scaled ... --lrs 1e-5 1e-4 1e-3 \
         --sweep omniglot7x7=benchmarks/results/omniglot7x7_defaults_grid_lr_sweep.csv \
         [--sweep cub224=benchmarks/results/cub224_defaults_grid_lr_sweep.csv ...] \
+        [--datasets omniglot7x7 cub224 cars224] \
         --out benchmarks/results/defaults_grid.md
 
 Reads the per-seed validation rows of one or more learning-rate sweeps
@@ -15,7 +16,9 @@ minus base, mean ± 95% Student-t CI over seeds. The rule (fixed in
 its cell of lowest mean; the default is the candidate whose worst cell is highest,
 provided none of its cells is significantly below zero (CI entirely below zero);
 candidates whose worst cells lie within each other's CIs are tied, and the tie goes
-to the highest mean over all cells. Writes one markdown report and its plot
+to the highest mean over all cells. ``--datasets`` names every dataset the grid is to
+cover: while one of them has no sweep yet, the report is Provisional. Writes one
+markdown report and its plot
 (``<out stem>.png``: one panel per dataset, the cells against the learning rate).
 """
 
@@ -109,10 +112,23 @@ def choose(candidates: Sequence[Candidate]) -> tuple[Candidate, bool]:
 
 
 def markdown(
-    candidates: Sequence[Candidate], base: str, sweeps: Sequence[tuple[str, Path]], command: str
+    candidates: Sequence[Candidate],
+    base: str,
+    sweeps: Sequence[tuple[str, Path]],
+    command: str,
+    datasets: Sequence[str] | None = None,
 ) -> str:
-    """The grid table, the rule's reading of each candidate, and the chosen default."""
+    """The grid table, the rule's reading of each candidate, and the chosen default.
+
+    ``datasets``: every dataset the grid is to cover (default: those of ``sweeps``);
+    one without a sweep makes the outcome Provisional.
+    """
     chosen, proviso = choose(candidates)
+    swept = list(dict.fromkeys(dataset for dataset, _ in sweeps))
+    unknown = sorted(set(swept) - set(datasets or swept))
+    if unknown:
+        raise ValueError(f"sweeps of {unknown}, which are not among datasets={list(datasets)}")
+    waiting = [d for d in datasets or swept if d not in swept]
     columns = list(dict.fromkeys(cell for c in candidates for cell in c.cells))
     header = ["candidate"] + [f"{d} {lr:g}" for d, lr in columns]
     header += ["worst cell", "mean", "cells below 0"]
@@ -128,7 +144,13 @@ def markdown(
         row += [f"{difference_text(mean, half)} ({dataset} {lr:g})", f"{100 * candidate.mean:+.2f}"]
         body.append(row + [below])
     pending = [c.name for c in candidates if not c.below_zero and len(c.cells) < len(columns)]
-    if pending:
+    if waiting:
+        outcome = (
+            f"**Provisional: `{chosen.name}` leads** on {', '.join(swept)}; "
+            f"{', '.join(waiting)} {'has' if len(waiting) == 1 else 'have'} not run yet: "
+            "no choice until every dataset has."
+        )
+    elif pending:
         outcome = (
             f"**Provisional: `{chosen.name}` leads**, but {', '.join(f'`{n}`' for n in pending)} "
             "passed the proviso so far and have not run on every dataset yet: no choice "
@@ -229,6 +251,13 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--base", default="global_avg", help="the linear head's method name")
     parser.add_argument("--candidates", nargs="+", required=True, help="candidate method names")
     parser.add_argument("--lrs", nargs="+", type=float, default=[1e-5, 1e-4, 1e-3])
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        default=None,
+        help="every dataset the grid is to cover, in order (default: those of --sweep); "
+        "while one has no sweep, the report is Provisional",
+    )
     parser.add_argument("--out", type=Path, required=True, help="the markdown report (and .png)")
     args = parser.parse_args(argv)
     command = "python -m benchmarks.defaults_grid " + shlex.join(
@@ -236,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     )
     sweeps = list(args.sweep)
     candidates = grid_cells(sweeps, args.candidates, args.base, args.lrs)
-    text = markdown(candidates, args.base, sweeps, command)
+    text = markdown(candidates, args.base, sweeps, command, args.datasets)
     plot = args.out.with_suffix(".png")
     plot_grid(candidates, args.base, plot)
     write_atomic(args.out, text + f"\n![the grid]({plot.name})\n")
