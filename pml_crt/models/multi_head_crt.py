@@ -39,7 +39,10 @@ class MultiHeadCRT(ModuleWithRecords):
     significantly below a linear head, while without the branch the heads
     were below it at 1e-4 on CUB and collapsed at 1e-3.
     ``global_pooling=None`` gives the heads of pml-crt 0.1.0 (coded residuals
-    only), which need a low rate (1e-5 with a pretrained trunk).
+    only), which need a low rate (1e-5 with a pretrained trunk). GeM clamps
+    its input at a small positive value, as suits a CNN's post-ReLU feature
+    map; for inputs that can be negative (a ViT's tokens) pass
+    ``global_pooling="avg"``.
 
     Args:
         in_channels: ``C`` of the ``(B, C, H, W)`` or ``(B, N, C)`` input.
