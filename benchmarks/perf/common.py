@@ -115,18 +115,13 @@ def load_baseline(rev: str, into: Path) -> ModuleType:
 
 
 def coded_residual_heads_only(cls: type) -> dict[str, Any]:
-    """``{"global_pooling": None}`` where ``cls`` names that argument, else ``{}``.
+    """``{"global_pooling": None}`` where ``cls`` takes that argument, else ``{}``.
 
-    ``MultiHeadCRT`` has had a GeM branch by default since after the baselines these
-    scripts compare with, which have no such argument; with this, both revisions build
-    the same model (coded-residual heads only), so a ratio measures the code.
+    ``MultiHeadCRT``'s GeM branch became its default after the revisions these scripts
+    compare with, which have no such argument; with this, both revisions build the same
+    model (coded-residual heads only), so a ratio measures the code.
     """
-    named = inspect.signature(cls).parameters.get("global_pooling")
-    return (
-        {}
-        if named is None or named.kind is inspect.Parameter.VAR_KEYWORD
-        else {"global_pooling": None}
-    )
+    return {"global_pooling": None} if "global_pooling" in inspect.signature(cls).parameters else {}
 
 
 def interleaved_times(
