@@ -1183,6 +1183,55 @@ def test_init_from_data_clusters_the_training_classes_before_training(tmp_path, 
         )
 
 
+@needs_omniglot
+def test_a_class_order_seed_trains_validates_and_tests_on_the_shuffled_split(tmp_path, monkeypatch):
+    from benchmarks.protocol import unit as unit_module
+    from benchmarks.protocol.splits import mlrc_split
+
+    picked = []
+    original = unit_module.class_subset
+
+    def recording(dataset, classes):
+        picked.append(tuple(classes))
+        return original(dataset, classes)
+
+    monkeypatch.setattr(unit_module, "class_subset", recording)
+    config = load_config(
+        CONFIGS / "omniglot_compare.yaml",
+        [*TINY_OMNIGLOT, "trunk.kwargs.channels=[8, 8, 8, 8]", "dataset.class_order_seed=1"],
+    )
+    lines = []
+    result = bench.run_benchmark(
+        config, tmp_path, methods=["global_avg"], log=lines.append, progress=False
+    )
+    shuffled, mlrc = mlrc_split(16, 0, 4, order_seed=1), mlrc_split(16, 0, 4)
+    assert shuffled.test != mlrc.test
+    # every unit (one per seed) picks train, validation and test classes of the shuffled split
+    assert picked == [shuffled.train, shuffled.val, shuffled.test] * len(config["seeds"])
+    assert result["units_run"] == len(config["seeds"])
+    table = (tmp_path / config["name"] / "table.md").read_text()
+    assert "16 classes (320 images), classes shuffled with seed 1, then MLRC split" in table
+
+
+@needs_cub
+@needs_weights
+def test_cached_views_hold_the_train_val_classes_of_the_shuffled_order(tmp_path):
+    from benchmarks.protocol.pipeline import DataPipeline
+    from benchmarks.protocol.splits import trainval_test_classes
+
+    views = ["images.augmentation=mlrc", "cache.train_views=2", "dataset.max_classes=4"]
+    config = load_config(
+        CONFIGS / "cub_compare.yaml", [*TINY_CUB, *views, "dataset.class_order_seed=0"]
+    )
+    trainval = set(trainval_test_classes(4, 0)[0])
+    assert trainval == {0, 2}  # not the sorted half {0, 1}
+    trunk = build.build_trunk(config["trunk"], 3, tmp_path / "hub")
+    data = DataPipeline(config["dataset"], log=lambda s: None, progress=False)
+    cached = data.view_features(config, trunk, torch.device("cpu"))
+    expected = [y for y in data.source.labels if y in trainval]
+    assert cached.labels == expected and cached.data.shape[:2] == (len(expected), 2)
+
+
 @needs_cub
 @needs_weights
 def test_augmented_views_of_the_frozen_blocks_are_cached_once_and_drawn_per_access(

@@ -2,7 +2,12 @@
 
 import pytest
 
-from benchmarks.protocol.splits import fold_boundaries, mlrc_split, trainval_test_classes
+from benchmarks.protocol.splits import (
+    class_order,
+    fold_boundaries,
+    mlrc_split,
+    trainval_test_classes,
+)
 
 
 def test_hand_computed_example():
@@ -69,3 +74,39 @@ def test_bad_arguments():
         mlrc_split(6, 0)  # 3 train+val classes cannot make 4 folds
     with pytest.raises(ValueError, match="num_classes"):
         trainval_test_classes(1)
+
+
+def test_class_order_is_sorted_by_default_and_a_fixed_shuffle_with_a_seed():
+    assert class_order(6) == (0, 1, 2, 3, 4, 5)
+    assert mlrc_split(20, 1, order_seed=None) == mlrc_split(20, 1)
+    # pinned literally: Python's random.Random(0).shuffle, the same on every machine
+    assert class_order(10, 0) == (7, 8, 1, 5, 3, 4, 2, 0, 9, 6)
+    # the shuffled order is cut exactly as the sorted one is (fold 1 of 10 trainval: 2..9 | 0, 1)
+    trainval, test = trainval_test_classes(20, order_seed=5)
+    order = class_order(20, 5)
+    assert (trainval, test) == (order[:10], order[10:])
+    split = mlrc_split(20, 1, order_seed=5)
+    assert split.train == tuple(order[i] for i in range(2, 10))
+    assert split.val == (order[0], order[1]) and split.test == order[10:]
+
+
+@pytest.mark.parametrize("num_classes", [8, 17, 98])
+@pytest.mark.parametrize("order_seed", [0, 1, 7])
+def test_shuffled_splits_are_disjoint_and_covering(num_classes, order_seed):
+    trainval, test = trainval_test_classes(num_classes, order_seed)
+    assert sorted(trainval + test) == list(range(num_classes))
+    assert trainval != tuple(range(num_classes // 2))  # these seeds all move some class
+    vals = []
+    for fold in range(4):
+        split = mlrc_split(num_classes, fold, 4, order_seed)
+        assert not set(split.train) & set(split.val)
+        assert set(split.train) | set(split.val) == set(trainval)
+        assert split.test == test
+        vals.extend(split.val)
+    assert sorted(vals) == sorted(trainval)
+
+
+def test_bad_order_seed():
+    for bad in (1.5, "0", True):
+        with pytest.raises(ValueError, match=r"order_seed \(dataset.class_order_seed\)"):
+            mlrc_split(20, 0, order_seed=bad)

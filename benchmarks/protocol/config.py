@@ -43,6 +43,9 @@ DEFAULTS: dict[str, Any] = {
         "root": "../shared/data",
         "download": False,
         "max_classes": None,  # keep only the first N sorted classes (tiny slices)
+        # None: MLRC's split of the sorted classes; an int: the classes shuffled with this
+        # seed first (benchmarks.protocol.splits.class_order), then split the same way
+        "class_order_seed": None,
     },
     "images": {
         "resize": 28,  # torchvision Resize (shorter side); None: keep the size
@@ -147,6 +150,7 @@ _TYPES_OF_NONE_DEFAULTS: dict[tuple[str, ...], type] = {
     ("name",): str,
     ("threads",): int,
     ("dataset", "max_classes"): int,
+    ("dataset", "class_order_seed"): int,
     ("images", "crop"): int,
     ("trunk", "weights"): str,
     ("trunk", "weights_path"): str,

@@ -155,7 +155,8 @@ class DataPipeline:
 
             def compute() -> CachedDataset:
                 start = time.time()
-                trainval = set(trainval_test_classes(self.source.num_classes)[0])
+                order_seed = self.dataset_config.get("class_order_seed")
+                trainval = set(trainval_test_classes(self.source.num_classes, order_seed)[0])
                 labels = self.source.labels
                 indices = [i for i, y in enumerate(labels) if y in trainval]
                 images = LabelSubset(

@@ -50,5 +50,10 @@ def check_methods(
         method = method_config(config, name)
         check_arguments(method)
         for fold in folds:
-            split = mlrc_split(num_classes, int(fold), int(config["num_folds"]))
+            split = mlrc_split(
+                num_classes,
+                int(fold),
+                int(config["num_folds"]),
+                config["dataset"].get("class_order_seed"),
+            )
             check_batch("train", len(split.train), method)

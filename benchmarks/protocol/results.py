@@ -238,6 +238,9 @@ def table_header(config: Mapping[str, Any], source: Source) -> str:
     folds = [int(f) for f in config["folds"]]
     header = f"## {config['name']}\n\n{config['dataset']['name']}"
     header += f": {source.num_classes} classes ({len(source.labels)} images), "
+    order_seed = config["dataset"].get("class_order_seed")
+    if order_seed is not None:
+        header += f"classes shuffled with seed {order_seed}, then "
     header += f"MLRC split, folds {folds} of {config['num_folds']}"
     if report_split(config) == "val":
         header += "; VALIDATION classes only (the test classes were never embedded)"

@@ -187,7 +187,12 @@ def _build_unit(
 ) -> _Unit:
     """Seed, build the models, pick the fold's classes and set up logging and testing."""
     source = data.source
-    split = mlrc_split(source.num_classes, fold, int(config["num_folds"]))
+    split = mlrc_split(
+        source.num_classes,
+        fold,
+        int(config["num_folds"]),
+        config["dataset"].get("class_order_seed"),
+    )
     seed_everything(seed)
     trunk = build_trunk(config["trunk"], source.channels, hub_dir).to(device)
     trunk, all_train, all_eval = _inputs(config, trunk, data, device)
