@@ -61,11 +61,13 @@ def configs():
     return {name: load_config(CONFIGS / f"{name}.yaml") for name in NAMES}
 
 
-def test_the_cars_configs_read_cars196_under_the_mlrc_split(configs):
+def test_the_cars_configs_read_cars196_under_the_shuffled_mlrc_split(configs):
     for name, config in configs.items():
         assert config["dataset"]["name"] == "cars196", name
         assert config["dataset"]["root"] == "../shared/data/cars196", name
         assert (config["num_folds"], config["folds"]) == (4, [0]), name
+        # shuffled before MLRC's split: sorted by name, train+val and test share no make
+        assert config["dataset"]["class_order_seed"] == 0, name
         assert config["trunk"]["name"] == "mobilenet_v2" and caches_frozen_stages(config), name
     quick, tune, table = configs["cars_quick"], configs["cars224_tune"], configs["cars224_mlrc13"]
     assert method_names(quick) == ["frozen", "global_avg", "multihead_crt"]
