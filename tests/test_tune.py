@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -383,6 +384,7 @@ def test_trials_below_the_median_are_pruned_and_not_rerun(tmp_path):
         lr = unit_config["optimizers"]["default"]["kwargs"]["lr"]
         calls.append(folder)
         for epoch in (1, 2, 3):
+            _checkpoint(folder, epoch)
             on_validation(epoch, lr * epoch)
         return {"val": {"mean_average_precision_at_r": 3 * lr}}
 
@@ -397,13 +399,33 @@ def test_trials_below_the_median_are_pruned_and_not_rerun(tmp_path):
         lr = trial.params["optimizers.default.kwargs.lr"]
         pruned = len(complete) >= 2 and lr < statistics.median(complete)
         assert trial.state == (TrialState.PRUNED if pruned else TrialState.COMPLETE)
+        unit = tmp_path / "GlobalPoolEmbedder" / f"trial{trial.number:04d}" / "seed0" / "fold0"
+        assert (unit / "config.yaml").is_file()  # what the trial ran stays readable
         if pruned:
             assert trial.intermediate_values == {1: lr}
+            assert _checkpoint_folders(unit) == set(), "a pruned trial kept its checkpoints"
         else:
             assert trial.intermediate_values == {1: lr, 2: 2 * lr, 3: 3 * lr}
             assert trial.value == 3 * lr
+            assert _checkpoint_folders(unit) == {"models", "resume", "resume/models3"}
             complete.append(lr)
     assert len(complete) < 6, "nothing was pruned: the test checks nothing"
+
+
+def _checkpoint(folder: Path, epoch: int) -> None:
+    """What a unit leaves after an epoch: its config, a checkpoint and its last resume point."""
+    shutil.rmtree(folder / "resume", ignore_errors=True)
+    (folder / "resume" / f"models{epoch}").mkdir(parents=True)
+    (folder / "models").mkdir(exist_ok=True)
+    (folder / "config.yaml").write_text("{}")
+    (folder / "models" / f"embedder_{epoch}.pth").write_bytes(b"weights")
+    (folder / "resume" / f"models{epoch}" / f"embedder_{epoch}.pth").write_bytes(b"weights")
+
+
+def _checkpoint_folders(unit: Path) -> set[str]:
+    """The unit's folders that hold checkpoints (``models``, ``resume`` and below)."""
+    found = [p for name in ("models", "resume") for p in [unit / name, *unit.glob(f"{name}/*")]]
+    return {p.relative_to(unit).as_posix() for p in found if p.is_dir()}
 
 
 def test_a_diverged_trial_ends_pruned_and_counts_in_the_budget(tmp_path):
@@ -415,6 +437,7 @@ def test_a_diverged_trial_ends_pruned_and_counts_in_the_budget(tmp_path):
 
     def stub_unit(unit_config, seed, fold, folder, on_validation):
         lr = unit_config["optimizers"]["default"]["kwargs"]["lr"]
+        _checkpoint(folder, 1)
         if lr > 0.6:
             raise NonFiniteError("x contains NaN or infinite values")
         return {"val": {"mean_average_precision_at_r": float("nan") if lr > 0.3 else lr}}
@@ -425,12 +448,15 @@ def test_a_diverged_trial_ends_pruned_and_counts_in_the_budget(tmp_path):
     assert len(trials) == 4 == len(study.trials)
     for trial in trials:
         lr = trial.params["optimizers.default.kwargs.lr"]
+        unit = tmp_path / "GlobalPoolEmbedder" / f"trial{trial.number:04d}" / "seed0" / "fold0"
         if lr > 0.3:
             assert trial.state == TrialState.PRUNED
             reason = "x contains NaN" if lr > 0.6 else "mean_average_precision_at_r is nan"
             assert reason in trial.user_attrs["diverged"]
+            assert _checkpoint_folders(unit) == set(), "a diverged trial kept its checkpoints"
         else:
             assert trial.state == TrialState.COMPLETE and trial.value == lr
+            assert _checkpoint_folders(unit) == {"models", "resume", "resume/models1"}
     assert any("diverged" in t.user_attrs for t in trials), "seed gave no diverged trial"
 
 
@@ -475,6 +501,10 @@ def test_search_uses_its_budget_prunes_and_writes_best_yaml(reference):
         assert sorted(trial.intermediate_values) == list(range(1, epochs + 1))
         unit = out / TRIAL_FOLDERS / f"trial{trial.number:04d}" / "seed0" / "fold0"
         assert (unit / "config.yaml").is_file() and (unit / "logs" / "logs.db").is_file()
+        # A finished unit keeps its best checkpoints; a pruned one, which never runs again,
+        # neither checkpoints nor a resume point.
+        kept = {"models"} if trial.state == TrialState.COMPLETE else set()
+        assert _checkpoint_folders(unit) == kept, trial.state
     best = best_trial(study, TRIALS)
     folder = out / TRIAL_FOLDERS / f"trial{best.number:04d}" / "seed0" / "fold0"
     unit_result = json.loads((folder / RESULTS).read_text())

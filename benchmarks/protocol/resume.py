@@ -25,7 +25,7 @@ from pytorch_metric_learning.utils import logging_presets
 
 from . import distributed as ddp
 from .config import DEFAULTS, UserError, deep_merge
-from .layout import EMBEDDINGS, MARKER, RESUME, Log, write_atomic
+from .layout import EMBEDDINGS, MARKER, MODELS, RESUME, Log, write_atomic
 from .provenance import environment
 
 __all__ = [
@@ -194,7 +194,7 @@ def write_resume_point(
     if getattr(iterator, "_num_yielded", None) != len(trainer.dataloader):
         # The next epoch would continue a half-used index list: not reproducible from here.
         return False
-    resume, models = folder / RESUME, folder / "models"
+    resume, models = folder / RESUME, folder / MODELS
     resume.mkdir(exist_ok=True)
     name = f"models{epoch}"
     staging = resume / f".{name}.tmp"
@@ -240,7 +240,7 @@ def _read_resume_point(folder: Path, unit_config: Mapping[str, Any]) -> dict[str
 
 def _restore_resume_point(folder: Path, marker: Mapping[str, Any]) -> None:
     """Roll the unit folder back to the marker: checkpoint files, logs; drop newer outputs."""
-    resume, models = folder / RESUME, folder / "models"
+    resume, models = folder / RESUME, folder / MODELS
     for path in resume.iterdir():
         if path.name not in (MARKER, marker["models"]):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -269,7 +269,7 @@ def load_resume_state(
         objects = getattr(trainer, name, None)
         if objects:
             objects = {key: ddp.unwrap(value) for key, value in objects.items()}
-            c_f.load_dict_of_models(objects, marker["epoch"], str(folder / "models"), device)
+            c_f.load_dict_of_models(objects, marker["epoch"], str(folder / MODELS), device)
     by_value = {int(label): label for label in sampler.labels}
     sampler.labels = [by_value[label] for label in marker["sampler_labels"]]
     hash_map = folder / "logs" / "hash_map.json"

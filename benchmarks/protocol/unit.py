@@ -47,7 +47,7 @@ from .cache import TrunkTail
 from .config import ConfigError
 from .data import class_subset
 from .evaluation import make_calculator, metric_values, report_split
-from .layout import EMBEDDINGS, RESULTS, RESUME, Log, save_atomic, write_atomic
+from .layout import EMBEDDINGS, MODELS, RESULTS, RESUME, Log, save_atomic, write_atomic
 from .metrics import BenchmarkAccuracyCalculator
 from .pipeline import DataPipeline
 from .preflight import check_batch
@@ -121,7 +121,7 @@ class _Unit:
 
     @property
     def model_dir(self) -> Path:
-        return self.folder / "models"
+        return self.folder / MODELS
 
 
 def _inputs(

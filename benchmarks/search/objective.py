@@ -4,7 +4,8 @@
 ``tune.seeds`` x ``tune.folds`` (in the trial's folder, so a retried trial resumes
 them), reports every validation to the pruner and returns the mean validation
 ``eval.primary_metric``; a diverged trial ends as pruned, one over the budget as
-:class:`OverBudget`. :func:`unit_runner` is the protocol's
+:class:`OverBudget`. A pruned trial's checkpoints and resume points are deleted
+(it never runs again); its configs and logs stay. :func:`unit_runner` is the protocol's
 :func:`~benchmarks.protocol.unit.run_unit` for those units, with the data loaded once.
 """
 
@@ -20,9 +21,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
-from benchmarks.protocol.layout import CACHE, RESULTS
+from benchmarks.protocol.layout import CACHE, RESULTS, drop_checkpoints
 from benchmarks.protocol.pipeline import DataPipeline
 from benchmarks.protocol.resume import check_previous
 from benchmarks.protocol.unit import run_unit
@@ -94,6 +95,14 @@ def make_objective(
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
         root = root_number(next(t for t in trials if t.number == trial.number))
+        try:
+            return trial_value(trial, trials, root)
+        except optuna.TrialPruned:
+            drop_checkpoints(folder / f"trial{root:04d}")  # pruned is final: never resumed
+            raise
+
+    def trial_value(trial: optuna.Trial, trials: list[FrozenTrial], root: int) -> float:
+        """Train the trial's units (its earlier attempts' reports first); the mean value."""
         reported: dict[int, float] = {}  # earlier attempts' validations, for the pruner
         for attempt in trials:
             if attempt.state == TrialState.FAIL and root_number(attempt) == root:
