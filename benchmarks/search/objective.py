@@ -95,13 +95,16 @@ def make_objective(
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
         root = root_number(next(t for t in trials if t.number == trial.number))
+        trial_folder = folder / f"trial{root:04d}"  # every attempt of the trial works here
         try:
-            return trial_value(trial, trials, root)
+            return trial_value(trial, trials, root, trial_folder)
         except optuna.TrialPruned:
-            drop_checkpoints(folder / f"trial{root:04d}")  # pruned is final: never resumed
+            drop_checkpoints(trial_folder)  # pruned is final: never resumed
             raise
 
-    def trial_value(trial: optuna.Trial, trials: list[FrozenTrial], root: int) -> float:
+    def trial_value(
+        trial: optuna.Trial, trials: list[FrozenTrial], root: int, trial_folder: Path
+    ) -> float:
         """Train the trial's units (its earlier attempts' reports first); the mean value."""
         reported: dict[int, float] = {}  # earlier attempts' validations, for the pruner
         for attempt in trials:
@@ -116,7 +119,7 @@ def make_objective(
         for index, (seed, fold) in enumerate(units):
             where = f"seed {seed} fold {fold}"
             on_validation = _pruning_reporter(trial, index * epochs, where, set(reported))
-            unit = folder / f"trial{root:04d}" / f"seed{seed}" / f"fold{fold}"
+            unit = trial_folder / f"seed{seed}" / f"fold{fold}"
             try:
                 result = run_unit(config, int(seed), int(fold), unit, on_validation)
             except NonFiniteError as error:
