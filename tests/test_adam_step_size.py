@@ -8,8 +8,8 @@ from pml_crt.models import CRT
 
 def test_measure_and_markdown_on_a_small_map():
     heads = {
-        "plain": lambda c: CRT(c, 8, 4),
-        "scaled": lambda c: CRT(c, 8, 4, scale_fusion_step=True),
+        "plain": lambda c: CRT(c, 8, 4, global_pooling=None),
+        "scaled": lambda c: CRT(c, 8, 4, scale_fusion_step=True, global_pooling=None),
     }
     drifts = adam_step_size.measure([0, 1], [1e-3], steps=1, channels=6, heads=heads)
     assert set(drifts) == {(h, g, 1e-3) for h in heads for g in adam_step_size.GROUPS}

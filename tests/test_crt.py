@@ -1,4 +1,8 @@
-"""CRT and MultiHeadCRT against a slow reference that materialises every residual."""
+"""CRT and MultiHeadCRT against a slow reference that materialises every residual.
+
+The tests of the coded-residual math build heads without a global branch
+(``global_pooling=None``); the branch is tested in ``test_crt_options.py``.
+"""
 
 import itertools
 import math
@@ -121,6 +125,7 @@ def test_matches_loop_reference(assignment, residual, fusion, projection_dim, dt
         residual=residual,
         fusion=fusion,
         temperature=0.3,
+        global_pooling=None,
     ).to(dtype)
     _randomise(module)
     assert (module.prototypes.norm(dim=1) - 1).abs().max() > 0.2
@@ -144,6 +149,7 @@ def test_gradcheck(assignment, residual, fusion, projection_dim):
         residual=residual,
         fusion=fusion,
         temperature=0.5,
+        global_pooling=None,
     ).double()
     _randomise(module)
     x = torch.randn(2, 4, 2, 2, dtype=torch.float64, requires_grad=True)
@@ -170,7 +176,7 @@ def test_gradcheck(assignment, residual, fusion, projection_dim):
 def test_gradcheck_layers_through_module_parameters():
     """Gradients of every parameter (projection, fusion) match finite differences."""
     torch.manual_seed(2)
-    module = CRT(3, embedding_size=2, num_prototypes=2, projection_dim=2).double()
+    module = CRT(3, 2, 2, projection_dim=2, global_pooling=None).double()
     _randomise(module)
     x = torch.randn(2, 3, 2, 1, dtype=torch.float64)
     for name, param in module.named_parameters():
@@ -197,7 +203,7 @@ def test_gradcheck_layers_through_module_parameters():
 
 def test_spatial_permutation_invariance_and_token_layout():
     torch.manual_seed(3)
-    module = CRT(8, embedding_size=6, num_prototypes=4).eval()
+    module = CRT(8, 6, 4, global_pooling=None).eval()
     x = torch.randn(3, 8, 4, 5)
     tokens = x.flatten(2).transpose(1, 2)
     permuted = tokens[:, torch.randperm(20)]
@@ -207,7 +213,7 @@ def test_spatial_permutation_invariance_and_token_layout():
 
 def test_batch_independence_in_eval():
     torch.manual_seed(4)
-    module = CRT(8, embedding_size=6, num_prototypes=4).eval()
+    module = CRT(8, 6, 4, global_pooling=None).eval()
     x = torch.randn(5, 8, 3, 3)
     together = module(x)
     alone = torch.cat([module(x[i : i + 1]) for i in range(5)])
@@ -299,7 +305,7 @@ def test_no_warning_without_diversity_weight(recwarn):
 
 def test_public_steps_compose_to_forward():
     torch.manual_seed(8)
-    module = CRT(6, 5, 3, projection_dim=4).double()
+    module = CRT(6, 5, 3, projection_dim=4, global_pooling=None).double()
     _randomise(module)
     x = torch.randn(2, 6, 3, 2, dtype=torch.float64)
     features = module.project(x)
@@ -317,7 +323,7 @@ def test_public_steps_compose_to_forward():
 
 def test_state_dict_keys_are_unchanged():
     """Checkpoints saved with the ``Sequential(Linear, LayerNorm)`` projection still load."""
-    module = CRT(6, 5, 3, projection_dim=4)
+    module = CRT(6, 5, 3, projection_dim=4, global_pooling=None)
     shapes = {
         "prototypes": (3, 4),
         "raw_temperature": (),

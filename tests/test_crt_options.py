@@ -66,7 +66,7 @@ def test_prototype_wise_linear_initialises_each_prototype_as_a_linear_of_fan_in_
 
 def test_crt_prototype_wise_fusion_and_its_parameter_count():
     torch.manual_seed(0)
-    crt = CRT(6, embedding_size=8, num_prototypes=4, projection_dim=5, fusion="prototype_wise")
+    crt = CRT(6, 8, 4, projection_dim=5, fusion="prototype_wise", global_pooling=None)
     x = torch.randn(3, 6, 2, 2)
     coded = crt.encode(x)
     expected = _prototype_wise_reference(coded.detach(), crt.fuse.weight.detach(), crt.fuse.bias)
@@ -147,3 +147,20 @@ def test_multihead_default_starts_as_gem_heads_and_none_gives_the_01_heads():
     assert not any("global_branch" in key for key in old.state_dict())
     with pytest.raises(RuntimeError, match="global_branch"):
         MultiHeadCRT(6, heads=[(4, 8)], projection_dim=5).load_state_dict(old.state_dict())
+
+
+def test_crt_default_starts_as_a_gem_head_and_none_gives_the_01_head():
+    torch.manual_seed(0)
+    crt = CRT(6, 8, 4, projection_dim=5).double().train()
+    x = torch.rand(3, 6, 2, 2, dtype=torch.float64)
+    assert crt.global_pooling == "gem"
+    pool = GlobalPoolEmbedder(6, 8, pooling="gem").double()
+    pool.load_state_dict(crt.global_branch.state_dict())
+    torch.testing.assert_close(crt(x), pool(x), atol=0, rtol=0)
+    # global_pooling=None: 0.1.0's head (coded residuals only); its checkpoints need it.
+    old = CRT(6, 8, 4, projection_dim=5, global_pooling=None)
+    assert old.global_branch is None
+    assert not any("global_branch" in key for key in old.state_dict())
+    assert any(float(p.abs().max()) > 0 for p in old.fuse.parameters())
+    with pytest.raises(RuntimeError, match="global_branch"):
+        CRT(6, 8, 4, projection_dim=5).load_state_dict(old.state_dict())

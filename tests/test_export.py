@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+from crt_heads import live_fusion
 
 from pml_crt.export import export_onnx, export_program, trace_torchscript
 from pml_crt.models import CRT, GlobalPoolEmbedder, MultiHeadCRT, NetVLAD
@@ -25,7 +26,7 @@ BATCH_SIZES = (1, 3)
 def _small_model(**multi_head_kwargs):
     torch.manual_seed(0)
     trunk = SmallConvNet(1, pool_last=False)
-    embedder = MultiHeadCRT(64, heads=[(8, 32), (4, 16)], **multi_head_kwargs)
+    embedder = live_fusion(MultiHeadCRT(64, heads=[(8, 32), (4, 16)], **multi_head_kwargs))
     return torch.nn.Sequential(trunk, embedder).eval(), torch.randn(3, 1, 28, 28)
 
 
@@ -33,6 +34,7 @@ def _mobilenet_model():
     torch.manual_seed(0)
     trunk = feature_map_trunk("mobilenet_v2", weights=None)
     embedder = CRT(trunk.out_channels, embedding_size=32, num_prototypes=8, projection_dim=64)
+    live_fusion(embedder)  # the GeM branch and the coded residuals both reach the output
     # 64 x 64 images give a 2 x 2 map of 1280 channels.
     return torch.nn.Sequential(trunk, embedder).eval(), torch.randn(3, 3, 64, 64)
 
@@ -145,7 +147,9 @@ def test_torch_export_concat_eval_output():
 @pytest.mark.parametrize("fusion", ["flatten", "sum"])
 def test_torch_export_every_crt_option(assignment, residual, fusion):
     torch.manual_seed(0)
-    crt = CRT(16, 8, 4, assignment=assignment, residual=residual, fusion=fusion).eval()
+    crt = CRT(
+        16, 8, 4, assignment=assignment, residual=residual, fusion=fusion, global_pooling=None
+    ).eval()
     tokens = torch.randn(3, 5, 16)  # (B, N, C) layout
     crt64, tokens64 = _double(crt, tokens)
     _assert_parity(export_program(crt64, tokens64).module(), crt, tokens, torch.float64)

@@ -8,6 +8,10 @@ import torch
 from pml_crt.models import CRT, GlobalPoolEmbedder, MultiHeadCRT
 from pml_crt.utils import param_groups
 
+# The fusion's mechanics are checked on heads without a global branch, whose fusion does not
+# start at zero (with a branch it does, and the fused values would all be 0).
+HEAD = {"projection_dim": 5, "global_pooling": None}
+
 
 def _ids(parameters):
     return {id(p) for p in parameters}
@@ -52,7 +56,7 @@ def test_coupled_weight_decay_means_the_same_for_the_scaled_fusion():
     models = []
     for scaled in (True, False):
         torch.manual_seed(0)
-        models.append(CRT(6, 8, k, projection_dim=5, scale_fusion_step=scaled).double())
+        models.append(CRT(6, 8, k, **HEAD, scale_fusion_step=scaled).double())
     scaled_model, plain_model = models
     fuse = _ids(plain_model.fuse.parameters())
     by_hand = torch.optim.Adam(
@@ -78,7 +82,7 @@ def test_coupled_weight_decay_means_the_same_for_the_scaled_fusion():
     # And the fusion really moved by about lr / K per step, not lr: an Adam step moves a
     # weight by at most about lr (exactly lr on the first), so 3 steps by <= ~3 lr / K.
     torch.manual_seed(0)
-    start = CRT(6, 8, k, projection_dim=5).double().fuse.weight.detach()
+    start = CRT(6, 8, k, **HEAD).double().fuse.weight.detach()
     moved = float((scaled_model.fuse.weight.detach() - start).abs().max())
     assert 0.5 * lr / k < moved <= 3.5 * lr / k
 
@@ -88,8 +92,10 @@ def test_state_dicts_load_both_ways_as_the_same_function(cls):
     def build(scaled):
         torch.manual_seed(0)
         if cls == "CRT":
-            return CRT(6, 8, 4, projection_dim=5, scale_fusion_step=scaled).double()
-        return MultiHeadCRT(6, heads=[(4, 8), (2, 4)], scale_fusion_step=scaled).double()
+            return CRT(6, 8, 4, **HEAD, scale_fusion_step=scaled).double()
+        return MultiHeadCRT(
+            6, heads=[(4, 8), (2, 4)], global_pooling=None, scale_fusion_step=scaled
+        ).double()
 
     x = torch.randn(3, 6, 2, 2, dtype=torch.float64)
     for source, target in ((True, False), (False, True)):
@@ -104,19 +110,19 @@ def test_a_checkpoint_of_the_old_step_scaled_fusion_loads_as_its_function():
     # pml-crt 0.1.0 stored the fusion y = (1/K) (x V^T + c) as fuse.scaled_weight = V and
     # fuse.scaled_bias = c: it loads as the Linear with weight V / K and bias c / K.
     torch.manual_seed(0)
-    crt = CRT(6, 8, 4, projection_dim=5, scale_fusion_step=True).double()
+    crt = CRT(6, 8, 4, **HEAD, scale_fusion_step=True).double()
     state = crt.state_dict()
     state["fuse.scaled_weight"] = 4 * state.pop("fuse.weight")
     state["fuse.scaled_bias"] = 4 * state.pop("fuse.bias")
     expected = crt(torch.ones(1, 6, 2, 2, dtype=torch.float64))
-    fresh = CRT(6, 8, 4, projection_dim=5).double()
+    fresh = CRT(6, 8, 4, **HEAD).double()
     fresh.load_state_dict(state)
     got = fresh(torch.ones(1, 6, 2, 2, dtype=torch.float64))
     torch.testing.assert_close(got, expected, rtol=1e-15, atol=1e-15)
 
 
 def test_the_fusion_weight_is_a_parameter_that_in_place_edits_reach():
-    crt = CRT(6, 8, 4, projection_dim=5, scale_fusion_step=True)
+    crt = CRT(6, 8, 4, **HEAD, scale_fusion_step=True)
     crt.fuse.weight.data.zero_()
     crt.fuse.bias.data.zero_()
     assert float(crt(torch.randn(2, 6, 3, 3)).abs().max()) == 0.0

@@ -3,9 +3,10 @@
 Shapes: ``B`` 1-4, ``C`` 1-16, a ``(B, C, H, W)`` map with ``H, W`` 1-5 or a
 ``(B, N, C)`` token sequence with ``N`` 1-25, ``K`` 1-8, ``D`` 1-8, every
 option (assignment, residual, fusion, projection_dim ``None``/``0``/positive,
-prototype_init, temperature). Values: normal, norms up to 1e4, tiny (1e-6),
-constant maps, one token repeated over all positions, zeros, sparse, and a
-different scale per sample.
+prototype_init, temperature, global branch ``None``/avg/max/GeM; a head with a
+branch gets a random fusion, which otherwise starts at zero). Values: normal,
+norms up to 1e4, tiny (1e-6), constant maps, one token repeated over all
+positions, zeros, sparse, and a different scale per sample.
 
 Invariants: output ``(B, D)`` and finite (float32 and float64, gradients too);
 in eval mode each row is independent of the rest of the batch, and the output
@@ -26,6 +27,7 @@ import os
 
 import pytest
 import torch
+from crt_heads import live_fusion
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -56,6 +58,7 @@ def crt_options(draw, in_channels):
         prototype_init=draw(st.sampled_from(["orthogonal", "normal"])),
         temperature=draw(st.sampled_from([0.02, 0.1, 0.5, 0.95])),
         learn_temperature=draw(st.booleans()),
+        global_pooling=draw(st.sampled_from([None, "avg", "max", "gem"])),
     )
 
 
@@ -121,7 +124,7 @@ def is_degenerate(options, in_channels):
 def build_crt(options, in_channels, seed):
     assume(not is_degenerate(options, in_channels))
     torch.manual_seed(seed)
-    return CRT(in_channels, **options).eval()
+    return live_fusion(CRT(in_channels, **options)).eval()
 
 
 def permute_positions(x, seed):
@@ -161,7 +164,7 @@ def test_gradients_finite_in_training(case, diversity_weight):
     options, shape, kind, seed = case
     torch.manual_seed(seed)
     assume(not is_degenerate(options, channels_of(shape)))
-    module = CRT(channels_of(shape), **options).train()
+    module = live_fusion(CRT(channels_of(shape), **options)).train()
     x = make_input(shape, kind, seed).requires_grad_(True)
     loss = module(x).square().sum() + diversity_weight * module.diversity_penalty()
     loss.backward()

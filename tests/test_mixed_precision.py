@@ -23,8 +23,11 @@ DEVICES_AND_DTYPES = [("cpu", torch.bfloat16)] + (
 )
 
 EMBEDDERS = {
-    "CRT": lambda: CRT(32, 16, 8),
-    "CRT-positions-prototype": lambda: CRT(32, 16, 8, assignment="positions", residual="prototype"),
+    # The coded residuals alone: with a global branch their fusion starts at zero.
+    "CRT": lambda: CRT(32, 16, 8, global_pooling=None),
+    "CRT-positions-prototype": lambda: CRT(
+        32, 16, 8, assignment="positions", residual="prototype", global_pooling=None
+    ),
     "MultiHeadCRT": lambda: MultiHeadCRT(32, heads=[(8, 16), (4, 8)]),
     "NetVLAD": lambda: NetVLAD(32, 16, 8),
     "GeM": lambda: GlobalPoolEmbedder(32, 16, pooling="gem"),

@@ -14,6 +14,7 @@ import copy
 
 import pytest
 import torch
+from crt_heads import live_fusion
 from rounding import output_and_gradient_scales
 
 from pml_crt.models import CRT, MultiHeadCRT
@@ -57,7 +58,8 @@ def _tolerance(length, heads, dtype):
 
 def _crt_length(head, positions):
     """Terms summed in one CRT head: projection (C) and LayerNorm (2 d), <x, p> (d),
-    the weighted sum over positions (N) and the fusion (K d)."""
+    the weighted sum over positions (N) and the fusion (K d). Its GeM branch, beside
+    them, sums fewer (N, then C)."""
     d = head.projection_dim
     return head.in_channels + 3 * d + positions + head.num_prototypes * d
 
@@ -77,7 +79,7 @@ def test_compiled_trunk_and_crt_match_eager():
     torch._dynamo.reset()
     torch.manual_seed(0)
     trunk = SmallConvNet(1, (8,), pool_last=False)
-    embedder = CRT(trunk.out_channels, 6, 4, projection_dim=8)
+    embedder = live_fusion(CRT(trunk.out_channels, 6, 4, projection_dim=8))
     model = torch.nn.Sequential(trunk, embedder).train()
     model64 = copy.deepcopy(model).double()
     x = torch.randn(4, 1, 6, 6)

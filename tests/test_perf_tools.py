@@ -83,8 +83,9 @@ def test_crt_flops_match_the_hand_formula():
     x = torch.randn(B, C, side, side, requires_grad=True)
     head = build_head("crt", C, K, D)
     forward = count_flops(lambda: head(x))
-    # projection, X P^T, A^T X, fusion: one multiply-add = 2 FLOPs.
-    by_hand = 2 * B * N * C * d + 2 * B * N * d * K + 2 * B * K * N * d + 2 * B * K * d * D
+    # projection, X P^T, A^T X, fusion, the GeM branch's Linear: one multiply-add = 2 FLOPs.
+    coded = 2 * B * N * C * d + 2 * B * N * d * K + 2 * B * K * N * d + 2 * B * K * d * D
+    by_hand = coded + 2 * B * C * D
     assert forward == by_hand == head_matmul_flops("crt", B=B, N=N, C=C, K=K, D=D)
     both = count_flops(lambda: head(x).sum().backward())
     assert both == 3 * by_hand == head_matmul_flops("crt", B=B, N=N, C=C, K=K, D=D, backward=True)

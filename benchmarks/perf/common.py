@@ -117,9 +117,10 @@ def load_baseline(rev: str, into: Path) -> ModuleType:
 def coded_residual_heads_only(cls: type) -> dict[str, Any]:
     """``{"global_pooling": None}`` where ``cls`` takes that argument, else ``{}``.
 
-    ``MultiHeadCRT``'s GeM branch became its default after the revisions these scripts
-    compare with, which have no such argument; with this, both revisions build the same
-    model (coded-residual heads only), so a ratio measures the code.
+    The GeM branch of ``CRT`` and ``MultiHeadCRT`` became their default after the
+    revisions these scripts compare with, which have no such argument; with this, both
+    revisions build the same model (coded-residual heads only), so a ratio measures the
+    code.
     """
     return {"global_pooling": None} if "global_pooling" in inspect.signature(cls).parameters else {}
 

@@ -13,12 +13,13 @@ Forward matrix products per head:
 - ``netvlad`` (:class:`~pml_crt.models.NetVLAD`): input projection
   ``2*B*N*C*d``, assignment logits ``2*B*N*d*K``, ``A^T X``
   ``2*B*K*N*d``, final Linear ``2*B*K*d*D``.
-- ``crt`` (:class:`~pml_crt.models.CRT`, ``fusion="flatten"``): input
-  projection ``2*B*N*C*d``, projections ``X P̂^T`` ``2*B*N*d*K``,
-  ``A^T X`` ``2*B*K*N*d``, fusion Linear ``2*B*K*d*D`` (``fusion="sum"``:
-  ``2*B*K*d*D`` as well, one ``d -> D`` Linear per prototype).
+- ``crt`` (:class:`~pml_crt.models.CRT`, its defaults: ``fusion="flatten"``
+  and a GeM branch): input projection ``2*B*N*C*d``, projections ``X P̂^T``
+  ``2*B*N*d*K``, ``A^T X`` ``2*B*K*N*d``, fusion Linear ``2*B*K*d*D``
+  (``fusion="sum"``: ``2*B*K*d*D`` as well, one ``d -> D`` Linear per
+  prototype), and the GeM branch's Linear ``2*B*C*D``.
 - ``multihead`` (:class:`~pml_crt.models.MultiHeadCRT`, its defaults): the sum
-  over heads of ``crt`` plus each head's GeM branch, ``2*B*C*D_h``.
+  over heads of ``crt``.
 
 Backward: every one of these products has both operands requiring a gradient
 when the input feature map does (as it does when the trunk is trained), so
@@ -64,15 +65,12 @@ def head_matmul_flops(
     elif head == "netvlad":
         forward = 2 * B * N * C * d + 2 * B * N * d * K + 2 * B * K * N * d + 2 * B * K * d * D
     elif head in ("crt", "crt_sum"):
-        forward = 2 * B * N * C * d + 2 * B * N * d * K + 2 * B * K * N * d + 2 * B * K * d * D
+        coded = 2 * B * N * C * d + 2 * B * N * d * K + 2 * B * K * N * d + 2 * B * K * d * D
+        forward = coded + head_matmul_flops("gem", B=B, N=N, C=C, K=K, D=D)
     elif head == "multihead":
         if not heads:
             raise ValueError("heads=((K_h, D_h), ...) is required for 'multihead'")
-        forward = sum(
-            head_matmul_flops("crt", B=B, N=N, C=C, K=k, D=e, d=d)
-            + head_matmul_flops("gem", B=B, N=N, C=C, K=k, D=e)
-            for k, e in heads
-        )
+        forward = sum(head_matmul_flops("crt", B=B, N=N, C=C, K=k, D=e, d=d) for k, e in heads)
     else:
         raise ValueError(f"unknown head {head!r}")
     return 3 * forward if backward else forward

@@ -10,8 +10,8 @@ Heads (``pml_crt.models``), all mapping a ``(B, C, H, W)`` feature map to
 - ``avg``: ``GlobalPoolEmbedder(C, D)`` (average pooling + Linear, the MLRC head);
 - ``gem``: ``GlobalPoolEmbedder(C, D, pooling="gem")``;
 - ``netvlad``: ``NetVLAD(C, D, K)``;
-- ``crt``: ``CRT(C, D, K)`` (default options, ``fusion="flatten"``: one
-  ``Linear(K*d, D)``);
+- ``crt``: ``CRT(C, D, K)`` (default options: ``fusion="flatten"``, one
+  ``Linear(K*d, D)``, and a GeM branch);
 - ``crt_sum``: ``CRT(C, D, K, fusion="sum")`` (one ``Linear(d, D)`` shared by
   the prototypes, then summed), for comparison;
 - ``multihead``: ``MultiHeadCRT(C, heads=((K, D), (K // 2, D // 4)))``, which

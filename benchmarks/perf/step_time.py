@@ -16,10 +16,12 @@ Steps (forward, backward, ``SGD`` step; PML's Multi-Similarity loss and miner):
   with the miner's pairs;
 - ``multihead``: ``MultiHeadCRT(C)`` (defaults: heads ``((64, 512), (32, 128))``)
   + ``MultiHeadLoss(MultiSimilarityLoss(), sizes, miner=MultiSimilarityMiner())``
-  (consistency on, default weight 1), with the coded-residual heads only
-  (``global_pooling=None`` where the revision has that argument): the same model
-  on both sides, so the ratio measures the code, not the GeM branch that became
-  the default after the baseline.
+  (consistency on, default weight 1).
+
+Both with the coded-residual heads only (``global_pooling=None`` where the
+revision has that argument): the same model on both sides, so the ratio
+measures the code, not the GeM branch that became the default after the
+baseline.
 
 Each step of both sides is timed side by side, in rotating order
 (:func:`benchmarks.perf.common.interleaved_times`); the report gives medians,
@@ -197,7 +199,7 @@ def build_step(
     models = importlib.import_module(f"{package.__name__}.models")
     channels = x.shape[1]
     if case == "crt":
-        model = models.CRT(channels)
+        model = models.CRT(channels, **coded_residual_heads_only(models.CRT))
         loss = losses.MultiSimilarityLoss()
         miner = miners.MultiSimilarityMiner()
     elif case == "multihead":

@@ -18,7 +18,10 @@ and ``MultiHeadCRT()``'s primary head ``CRT(C, 512, 64)``, each with the plain
 ``"flatten"`` fusion, with ``scale_fusion_step=True`` (the optimizer built
 from :func:`pml_crt.utils.param_groups`, as for every head) and with ``"sum"``
 fusion. Groups: ``all``; ``fuse`` (the fusion); ``projection`` (Linear +
-LayerNorm); ``prototypes`` (the prototypes and the temperature).
+LayerNorm); ``prototypes`` (the prototypes and the temperature). The CRT heads
+are coded residuals only (``global_pooling=None``), the heads this diagnostic
+is about: with a global branch their fusion starts at zero, and the
+``projection`` and ``prototypes`` groups would get no gradient.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.losses import MultiSimilarityLoss
 
+from benchmarks.perf.common import coded_residual_heads_only
 from benchmarks.protocol.layout import write_atomic
 from benchmarks.reports.markdown import markdown_table
 from pml_crt.models import CRT, GlobalPoolEmbedder
@@ -42,14 +46,16 @@ from pml_crt.utils.stats import mean_ci95
 __all__ = ["HEADS", "GROUPS", "cosine_drift", "main", "measure", "synthetic_batch"]
 
 BATCH, CLASSES, SIDE = 32, 8, 7
+CODED = coded_residual_heads_only(CRT)  # see the module docstring
+SCALED = {"scale_fusion_step": True, **CODED}
 
 HEADS: dict[str, Callable[[int], torch.nn.Module]] = {
     "linear (avg pool + Linear)": lambda c: GlobalPoolEmbedder(c, 128, pooling="avg"),
-    "CRT(C, 128, 32)": lambda c: CRT(c, 128, 32),
-    "CRT(C, 128, 32), scale_fusion_step": lambda c: CRT(c, 128, 32, scale_fusion_step=True),
-    'CRT(C, 128, 32), fusion="sum"': lambda c: CRT(c, 128, 32, fusion="sum"),
-    "CRT(C, 512, 64) (MultiHeadCRT() head 0)": lambda c: CRT(c, 512, 64),
-    "CRT(C, 512, 64), scale_fusion_step": lambda c: CRT(c, 512, 64, scale_fusion_step=True),
+    "CRT(C, 128, 32)": lambda c: CRT(c, 128, 32, **CODED),
+    "CRT(C, 128, 32), scale_fusion_step": lambda c: CRT(c, 128, 32, **SCALED),
+    'CRT(C, 128, 32), fusion="sum"': lambda c: CRT(c, 128, 32, fusion="sum", **CODED),
+    "CRT(C, 512, 64) (MultiHeadCRT() head 0)": lambda c: CRT(c, 512, 64, **CODED),
+    "CRT(C, 512, 64), scale_fusion_step": lambda c: CRT(c, 512, 64, **SCALED),
 }
 
 GROUPS: dict[str, tuple[str, ...] | None] = {

@@ -3,10 +3,12 @@
 The paper learns diversified prototypes, projects the feature map onto each
 prototype and encodes the features by their projection residuals weighted by
 their correlation with each prototype. Where the paper is silent, every
-choice is a keyword option here. The defaults (soft assignment over
-prototypes, orthogonal residual, ``"flatten"`` fusion, no diversity penalty)
-come from an ablation on Omniglot validation classes with Multi-Similarity:
-no alternative did better, and ``"sum"`` fusion did worse.
+choice is a keyword option here. The coded-residual defaults (soft
+assignment over prototypes, orthogonal residual, ``"flatten"`` fusion, no
+diversity penalty) come from an ablation on Omniglot validation classes with
+Multi-Similarity: no alternative did better, and ``"sum"`` fusion did worse.
+The GeM branch (``global_pooling="gem"``) is the default because a grid over
+Adam learning rates chose it (see :class:`CRT`).
 
 The prototype diversity penalty is an explicit loss term: add
 ``weight * model.diversity_penalty()`` to the loss, or use
@@ -98,6 +100,19 @@ class CRT(ModuleWithRecords):
     ``P`` (``residual="orthogonal"``, so ``r_nk = x_n - <x_n, p̂_k> p̂_k``).
     Memory is ``O(B*N*K + B*K*d)``.
 
+    A GeM branch is added by default (``global_pooling="gem"``): the input
+    GeM-pooled and mapped by ``Linear(C, D)``, added to the fused coded
+    residuals, whose fusion starts at zero. Training so starts from a GeM
+    pooling head. Chosen by a grid over Adam head learning rates 1e-5, 1e-4
+    and 1e-3 on Omniglot (7x7 map, trunk from scratch), CUB-200 and Cars196
+    (224 px, ImageNet MobileNetV2), validation classes, 3 seeds: it was never
+    significantly below a linear head, while without the branch the head was
+    below it at 1e-4 and 1e-3 on CUB. ``global_pooling=None`` gives the head
+    of pml-crt 0.1.0 (coded residuals only), which needs a low rate (1e-5
+    with a pretrained trunk). GeM clamps its input at a small positive value,
+    as suits a CNN's post-ReLU feature map; for inputs that can be negative
+    (a ViT's tokens) pass ``global_pooling="avg"``.
+
     ``forward(x)`` is ``embed(encode(x), tokens(x))``; ``encode(x)`` is
     ``encode_projected(project(x))`` and ``project(x)`` is
     ``projection(tokens(x))``. These public steps, the input projection
@@ -153,12 +168,13 @@ class CRT(ModuleWithRecords):
             untouched (the group keeps the optimizer's ``weight_decay``). No
             effect with ``"sum"`` or ``"prototype_wise"``, whose fan-in is
             already ``d``. Off by default.
-        global_pooling: ``None``, or ``"avg"``, ``"max"``, ``"gem"``: add a global
-            branch, the input pooled and mapped by ``Linear(C, D)`` (a
+        global_pooling: ``"gem"`` (the default), ``"avg"`` or ``"max"``: add a
+            global branch, the input pooled and mapped by ``Linear(C, D)`` (a
             :class:`~pml_crt.models.GlobalPoolEmbedder`), to the fused coded
             residuals. The fusion then starts at zero (weights and bias), so
             training starts from the pooling head and the coded residuals add
-            only what the loss finds useful.
+            only what the loss finds useful. ``None``: no branch, the coded
+            residuals alone (pml-crt 0.1.0's head).
         prototype_init: ``"orthogonal"`` (diversified) or ``"normal"``.
         diversity_weight: deprecated and without effect on training. A value
             other than 0 emits a ``FutureWarning`` and is only stored as the
@@ -184,7 +200,7 @@ class CRT(ModuleWithRecords):
         temperature_bounds: tuple[float, float] = (0.01, 1.0),
         fusion: Fusion = "flatten",
         scale_fusion_step: bool = False,
-        global_pooling: GlobalPooling | None = None,
+        global_pooling: GlobalPooling | None = "gem",
         prototype_init: PrototypeInit = "orthogonal",
         diversity_weight: float = 0.0,
         check_inputs: bool = True,
