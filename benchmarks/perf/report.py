@@ -34,34 +34,31 @@ def load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+MACHINE_FIELDS = (
+    ("CPU", "cpu_model"),
+    ("logical CPUs", "logical_cpus"),
+    ("usable CPUs", "usable_cpus"),
+    ("memory (GiB)", "memory_gib"),
+    ("python", "python"),
+    ("torch", "torch"),
+    ("PML", "pytorch_metric_learning"),
+    ("faiss", "faiss"),
+)
+
+
+def machine_rows(runs: dict[str, dict]) -> list[list]:
+    """One row per distinct machine: the results measured on it, then its fields."""
+    by_machine: dict[tuple, list[str]] = {}
+    for name, run in runs.items():
+        key = tuple(run["machine"][field] for _, field in MACHINE_FIELDS)
+        by_machine.setdefault(key, []).append(name)
+    return [[", ".join(names), *key] for key, names in by_machine.items()]
+
+
 def machine_section(runs: dict[str, dict]) -> str:
-    first = next(iter(runs.values()))["machine"]
     out = ["## Machine and reproduction", ""]
     out.append(
-        markdown_table(
-            [
-                "CPU",
-                "logical CPUs",
-                "usable CPUs",
-                "memory (GiB)",
-                "python",
-                "torch",
-                "PML",
-                "faiss",
-            ],
-            [
-                [
-                    first["cpu_model"],
-                    first["logical_cpus"],
-                    first["usable_cpus"],
-                    first["memory_gib"],
-                    first["python"],
-                    first["torch"],
-                    first["pytorch_metric_learning"],
-                    first["faiss"],
-                ]
-            ],
-        )
+        markdown_table(["results", *(label for label, _ in MACHINE_FIELDS)], machine_rows(runs))
     )
     out += [
         "",
@@ -94,7 +91,8 @@ def machine_section(runs: dict[str, dict]) -> str:
         "rounds in which the compared functions run side by side in rotating order. With one "
         "torch thread the clock is the process's CPU time (`time.process_time`, user + system), "
         "which stays stable while other jobs share the cores; wall-clock medians are in the "
-        "JSON files.",
+        "JSON files. Every ratio compares functions timed in the same run; times from results "
+        "measured on different machines (the first table) are not comparable with each other.",
         "",
     ]
     return "\n".join(out)
