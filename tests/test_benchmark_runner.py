@@ -300,6 +300,40 @@ def test_all_configs_load():
         assert config["trunk"]["freeze_batchnorm"] is True
 
 
+# Configs whose tables were published with pml-crt 0.1.0's heads (coded residuals only),
+# before CRT and MultiHeadCRT took a GeM branch by default.
+PUBLISHED_WITH_0_1_HEADS = (
+    "cub_compare",
+    "cub_tune",
+    "cub_tuning",
+    "omniglot_ablation",
+    "omniglot_compare",
+    "omniglot_contrastive",
+    "omniglot_tune",
+)
+CRT_TYPES = ("CRT", "MultiHeadCRT")
+
+
+def _crt_embedders(name: str) -> dict[str, dict]:
+    config = load_config(CONFIGS / f"{name}.yaml")
+    methods = {m: method_config(config, m)["embedder"] for m in method_names(config)}
+    return {m: e for m, e in methods.items() if e["type"] in CRT_TYPES}
+
+
+@pytest.mark.parametrize("name", PUBLISHED_WITH_0_1_HEADS)
+def test_configs_published_with_0_1_heads_still_build_them(name):
+    embedders = _crt_embedders(name)
+    assert embedders, f"{name} has no CRT rows"
+    for method, embedder in embedders.items():
+        assert embedder.get("kwargs", {}).get("global_pooling", "default") is None, method
+
+
+@pytest.mark.parametrize("name", ["cub_mlrc", "cars196_mlrc", "sop_mlrc"])
+def test_unpublished_mlrc_configs_use_the_class_defaults(name):
+    for method, embedder in _crt_embedders(name).items():
+        assert "global_pooling" not in embedder.get("kwargs", {}), method
+
+
 # --------------------------------------------------------------------------- Recall@K
 
 
