@@ -310,6 +310,8 @@ PUBLISHED_WITH_0_1_HEADS = (
     "omniglot_compare",
     "omniglot_contrastive",
     "omniglot_tune",
+    "omniglot7x7_tune",
+    "cub224_tune",
 )
 CRT_TYPES = ("CRT", "MultiHeadCRT")
 
