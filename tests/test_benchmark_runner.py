@@ -332,7 +332,9 @@ def test_configs_published_with_0_1_heads_still_build_them(name):
 
 @pytest.mark.parametrize("name", ["cub_mlrc", "cars196_mlrc", "sop_mlrc"])
 def test_unpublished_mlrc_configs_use_the_class_defaults(name):
-    for method, embedder in _crt_embedders(name).items():
+    embedders = _crt_embedders(name)
+    assert embedders, f"{name} has no CRT rows"
+    for method, embedder in embedders.items():
         assert "global_pooling" not in embedder.get("kwargs", {}), method
 
 
