@@ -26,7 +26,11 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS = Path("benchmarks") / "results"
 MARKERS = ("<!-- verdicts:start -->", "<!-- verdicts:end -->")
 # (label, published name): <name>_tuned.csv and its _paired_gem.md / _paired_avg.md reports.
-BENCHMARKS = (("Omniglot 7x7", "omniglot7x7_tune"), ("CUB 224 px", "cub224_tune"))
+BENCHMARKS = (
+    ("Omniglot 7x7", "omniglot7x7_tune"),
+    ("CUB 224 px", "cub224_tune"),
+    ("Cars196 224 px", "cars224_tune"),
+)
 HEADS = (
     ("multihead_crt", "`MultiHeadCRT`"),
     ("crt", "`CRT`"),
