@@ -29,6 +29,7 @@ import torch
 
 from benchmarks.protocol import resume
 from benchmarks.protocol import runner as bench
+from benchmarks.protocol import unit as unit_module
 from benchmarks.protocol.layout import MARKER, RESULTS, RESUME
 
 pytestmark = pytest.mark.filterwarnings(
@@ -266,3 +267,30 @@ def test_ctrl_c_says_how_to_resume_and_the_same_command_does(tmp_path):
     conn.close()
     assert [row[1] for row in losses] == list(range(20 * epochs))  # each iteration once
     assert [epoch for (epoch,) in validated] == list(range(1, epochs + 1))
+
+
+@needs_omniglot
+def test_crash_after_the_last_epoch_resumes_without_training(reference, tmp_path, monkeypatch):
+    # Killed after the last epoch's marker, before the best checkpoint was loaded and tested:
+    # the resumed process trains nothing, so its tester never validated. It must still find
+    # the best epoch in the records (it once failed with KeyError: 'val').
+    out = tmp_path / "runs"
+    unit = out / UNIT
+    load_best = unit_module._load_best
+    crashed = []
+
+    def crash_once(unit_state, trainer):
+        if not crashed:
+            crashed.append(True)
+            raise _Crash
+        return load_best(unit_state, trainer)
+
+    monkeypatch.setattr(unit_module, "_load_best", crash_once)
+    with pytest.raises(_Crash):
+        bench.main(_argv(out))
+    assert _marker_epoch(unit) == 3 and not (unit / RESULTS).exists()
+
+    assert bench.main(_argv(out))["units_run"] == 1
+    _assert_same(_snapshot(unit), reference)
+    resumes = json.loads((unit / "env.json").read_text())["resumes"]
+    assert [r["epoch"] for r in resumes] == [3]
