@@ -10,7 +10,9 @@ so bitwise). A second test crashes the
 unit at the worst moment, after epoch 2's log rows and checkpoint files are
 written but before its marker, and checks the same. A third interrupts a real
 run with Ctrl-C (SIGINT): it exits with 130 and the command that resumes it,
-its logs consistent, and that command completes it.
+its logs consistent, and that command completes it. A fourth crashes the unit after
+its last epoch's marker, before the best checkpoint is loaded and tested: the
+resumed process trains nothing and must still finish it exactly.
 """
 
 from __future__ import annotations
