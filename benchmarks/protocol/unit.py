@@ -57,8 +57,14 @@ __all__ = ["run_unit", "seed_everything", "sigint_held"]
 
 # ``on_validation(epoch, value)``: see :func:`run_unit`.
 OnValidation = Callable[[int, float], None]
-# The tester's validation: the validation classes queried against themselves.
-VALIDATION_SPLITS = [("val", ["val"])]
+
+
+def validation_splits() -> list[tuple[str, list[str]]]:
+    """The tester's ``splits_to_eval``: the validation classes queried against themselves.
+
+    A new list each call: PML's tester rewrites the list it is given in place.
+    """
+    return [("val", ["val"])]
 
 
 def seed_everything(seed: int) -> None:
@@ -220,7 +226,7 @@ def _build_unit(
     # What the tester's first validation would set: the hooks name their record tables
     # from it, so a unit resumed after its last validated epoch (nothing left to train)
     # can read its best epoch from the records without validating again.
-    tester.reference_split_names.update(VALIDATION_SPLITS)
+    tester.reference_split_names.update(validation_splits())
     return _Unit(
         config=config,
         seed=seed,
@@ -278,7 +284,7 @@ def _end_of_epoch_hook(
             str(unit.model_dir),
             test_interval=test_interval,
             patience=training.get("patience"),
-            splits_to_eval=VALIDATION_SPLITS,
+            splits_to_eval=validation_splits(),
         )
 
     def end_of_epoch_hook(trainer: trainers.BaseTrainer) -> bool | None:
@@ -381,7 +387,7 @@ def _evaluate_frozen(unit: _Unit) -> tuple[int, int, dict[str, Any]] | None:
         unit.launch.barrier()  # rank 0 evaluates; the others wait for the next unit
         return None
     unit.tester.test(
-        {"val": unit.val}, 0, unit.trunk, unit.embedder, splits_to_eval=VALIDATION_SPLITS
+        {"val": unit.val}, 0, unit.trunk, unit.embedder, splits_to_eval=validation_splits()
     )
     return 0, 0, {"trained": False}
 
