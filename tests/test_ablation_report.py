@@ -100,3 +100,28 @@ def test_explicit_pairs_one_per_learning_rate(tmp_path):
         paired_differences(read_separate_rows(path), "old_lr1e-03", pairs)
     with pytest.raises(SystemExit, match="VARIANT:BASE"):
         main([str(path), "--pairs", "new_lr1e-03"])
+
+
+def test_two_runs_of_the_same_seeds_pair_by_label(tmp_path):
+    tuned, defaults = tmp_path / "tuned.csv", tmp_path / "defaults.csv"
+    _write(tuned, [_row("crt", 0, 0.40, 0.10), _row("crt", 1, 0.42, 0.12)])
+    _write(
+        defaults,
+        [
+            _row("crt", 0, 0.50, 0.11),
+            _row("crt", 1, 0.50, 0.13),
+            _row("crt", 2, 0.90, 0.90),  # no tuned seed 2: left out of the pairs
+        ],
+    )
+    text = main([f"tuned={tuned}", f"defaults={defaults}", "--pairs", "tuned/crt:defaults/crt"])
+    # P@1 differences -0.10 and -0.08: mean -0.09, sd 0.01 * sqrt(2), half t(1) * 0.01
+    assert (
+        f"| tuned/crt | defaults/crt | -9.00 ± {100 * 12.706 * 0.01:.2f} | -1.00 ± 0.00 | worse |"
+        in text
+    )
+    assert "seeds [0, 1]" in text
+    assert f"Source: `tuned={tuned}`, `defaults={defaults}`." in text
+    with pytest.raises(SystemExit, match="LABEL=PATH"):
+        main([str(tuned), str(defaults), "--pairs", "a:b"])
+    with pytest.raises(SystemExit, match="given twice"):
+        main([f"x={tuned}", f"x={defaults}", "--pairs", "x/crt:x/crt"])

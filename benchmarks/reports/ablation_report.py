@@ -14,6 +14,12 @@ when the whole interval lies above (below) zero (the statistics:
         --base multihead_crt --classes test --out benchmarks/results/cub_compare_paired.md
     python -m benchmarks.ablation_report DIR/<name>_lr_sweep.csv \
         --pairs a_lr1e-04:b_lr1e-04 a_lr1e-03:b_lr1e-03 --out ...
+
+Two runs of the same seeds (say, tuned settings and defaults) compare as one: give each
+CSV as ``LABEL=PATH``, and its methods are named ``LABEL/method``:
+
+    python -m benchmarks.ablation_report tuned=DIR/x_tuned.csv defaults=DIR/x_defaults.csv \
+        --pairs tuned/crt:defaults/crt --classes test
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ __all__ = ["main", "markdown"]
 def markdown(
     rows: Sequence[dict[str, object]],
     base: str,
-    source: Path,
+    source: str,
     command: str,
     classes: str = "validation",
 ) -> str:
@@ -56,14 +62,19 @@ def markdown(
         f"Percentage points, variant minus `{base or 'its base'}`, paired by seed (seeds {seeds}); "
         "mean ± 95% Student-t CI of the per-seed differences. A verdict needs the whole "
         "interval on one side of zero.",
-        f"Source: `{source}`. Produced by `{command}`.",
+        f"Source: {source}. Produced by `{command}`.",
     ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ablation_report")
-    parser.add_argument("csv", type=Path, help="DIR/<config>.csv written by --publish")
+    parser.add_argument(
+        "csv",
+        nargs="+",
+        help="DIR/<config>.csv written by --publish; several as LABEL=PATH each, "
+        "their methods then named LABEL/method",
+    )
     parser.add_argument("--base", default=None, help="the method every variant is paired with")
     parser.add_argument(
         "--pairs",
@@ -85,12 +96,32 @@ def main(argv: Sequence[str] | None = None) -> str:
     )
     pairs = None if args.pairs is None else [_pair(text) for text in args.pairs]
     base = "base" if args.base is None and pairs is None else args.base
-    rows = paired_differences(read_separate_rows(args.csv), base, pairs)
-    text = markdown(rows, base, args.csv, command, args.classes)
+    table, source = _read_results(args.csv)
+    rows = paired_differences(table, base, pairs)
+    text = markdown(rows, base, source, command, args.classes)
     if args.out is not None:
         args.out.write_text(text)
     print(text)
     return text
+
+
+def _read_results(specs: Sequence[str]) -> tuple[dict[str, dict[int, dict[str, float]]], str]:
+    """The seed table of one CSV, or of several ``LABEL=PATH`` ones with methods
+    ``LABEL/method``; and the source line naming the files."""
+    if len(specs) == 1 and "=" not in specs[0]:
+        return read_separate_rows(Path(specs[0])), f"`{specs[0]}`"
+    table: dict[str, dict[int, dict[str, float]]] = {}
+    for spec in specs:
+        label, sep, path = spec.partition("=")
+        if not (sep and label and path) or "/" in label:
+            raise SystemExit(
+                f"several CSVs are each LABEL=PATH (a label without '/'), got {spec!r}"
+            )
+        if any(name.startswith(f"{label}/") for name in table):
+            raise SystemExit(f"the label {label!r} is given twice")
+        for method, seeds in read_separate_rows(Path(path)).items():
+            table[f"{label}/{method}"] = seeds
+    return table, ", ".join(f"`{spec}`" for spec in specs)
 
 
 def _pair(text: str) -> tuple[str, str]:

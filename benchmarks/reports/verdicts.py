@@ -1,14 +1,16 @@
-"""The README's results table: each tuned head against GeM and against average pooling.
+"""The README's results table: each CRT head against GeM and against average pooling.
 
     python -m benchmarks.verdicts [--write]
 
-For every tuned head comparison in :data:`BENCHMARKS`, pairs each CRT-family head
-with ``global_gem`` and with ``global_avg`` seed by seed on the test classes (the
-published ``<name>_tuned.csv``, as ``benchmarks.ablation_report`` does) and writes
-one markdown table, each cell the paired test MAP@R difference with its verdict,
-linking to the paired report. ``--write`` puts it between the README's
-``<!-- verdicts:start -->`` and ``<!-- verdicts:end -->`` markers; without it the
-table is printed. ``tests/test_readme.py`` checks that the README holds exactly it.
+For every published head comparison in :data:`BENCHMARKS` (tuned, or at the
+defaults), pairs each CRT-family head with ``global_gem`` and with ``global_avg``
+seed by seed on the test classes (the published ``<stem>.csv``, as
+``benchmarks.ablation_report`` does) and writes one markdown table, each cell the
+paired test MAP@R difference with its verdict, linking to the paired report
+``<stem>_paired_gem.md`` / ``<stem>_paired_avg.md``. ``--write`` puts it between the
+README's ``<!-- verdicts:start -->`` and ``<!-- verdicts:end -->`` markers; without
+it the table is printed. ``tests/test_readme.py`` checks that the README holds
+exactly it.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ __all__ = ["BENCHMARKS", "HEADS", "MARKERS", "main", "readme_with", "table"]
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = Path("benchmarks") / "results"
 MARKERS = ("<!-- verdicts:start -->", "<!-- verdicts:end -->")
-# (label, published name): <name>_tuned.csv and its _paired_gem.md / _paired_avg.md reports.
+# (label, published stem): <stem>.csv and its _paired_gem.md / _paired_avg.md reports.
 BENCHMARKS = (
-    ("Omniglot 7x7", "omniglot7x7_tune"),
-    ("CUB 224 px", "cub224_tune"),
-    ("Cars196 224 px", "cars224_tune"),
+    ("Omniglot 7x7, tuned", "omniglot7x7_tune_tuned"),
+    ("CUB 224 px, tuned", "cub224_tune_tuned"),
+    ("Cars196 224 px, tuned", "cars224_tune_tuned"),
+    ("Cars196 224 px, defaults", "cars224_tune_defaults"),
 )
 HEADS = (
     ("multihead_crt", "`MultiHeadCRT`"),
@@ -41,19 +44,19 @@ BASES = (("global_gem", "gem"), ("global_avg", "avg"))
 MAP_AT_R = "mean_average_precision_at_r"
 
 
-def _cell(name: str, head: str, base: str, suffix: str, root: Path) -> str:
-    rows = read_separate_rows(root / RESULTS / f"{name}_tuned.csv")
+def _cell(stem: str, head: str, base: str, suffix: str, root: Path) -> str:
+    rows = read_separate_rows(root / RESULTS / f"{stem}.csv")
     (row,) = paired_differences(rows, pairs=[(head, base)])
     mean, half = row[MAP_AT_R]
-    link = f"{RESULTS}/{name}_tuned_paired_{suffix}.md"
+    link = f"{RESULTS}/{stem}_paired_{suffix}.md"
     return f"[{verdict(mean, half)}]({link}) ({100 * mean:+.1f} ± {100 * half:.1f})"
 
 
 def table(root: Path = ROOT) -> str:
-    """The results table, from the published tuned CSVs under ``root``."""
+    """The results table, from the published CSVs under ``root``."""
     rows = [
-        [label, head_label, *(_cell(name, head, base, suffix, root) for base, suffix in BASES)]
-        for label, name in BENCHMARKS
+        [label, head_label, *(_cell(stem, head, base, suffix, root) for base, suffix in BASES)]
+        for label, stem in BENCHMARKS
         for head, head_label in HEADS
     ]
     header = ["benchmark", "head", "vs GeM", "vs average pooling"]
