@@ -125,3 +125,7 @@ def test_two_runs_of_the_same_seeds_pair_by_label(tmp_path):
         main([str(tuned), str(defaults), "--pairs", "a:b"])
     with pytest.raises(SystemExit, match="given twice"):
         main([f"x={tuned}", f"x={defaults}", "--pairs", "x/crt:x/crt"])
+    # One CSV is a plain path, even with "=" in its name.
+    plain = tmp_path / "lr=1e-3.csv"
+    _write(plain, [_row("a", 0, 0.5, 0.3), _row("b", 0, 0.4, 0.2)])
+    assert "| a | +10.00 | +10.00 | one seed: no verdict |" in main([str(plain), "--base", "b"])

@@ -106,19 +106,21 @@ def main(argv: Sequence[str] | None = None) -> str:
 
 
 def _read_results(specs: Sequence[str]) -> tuple[dict[str, dict[int, dict[str, float]]], str]:
-    """The seed table of one CSV, or of several ``LABEL=PATH`` ones with methods
-    ``LABEL/method``; and the source line naming the files."""
-    if len(specs) == 1 and "=" not in specs[0]:
+    """The seed table of one CSV (a plain path, even with ``=`` in it), or of several
+    ``LABEL=PATH`` ones with methods ``LABEL/method``; and the source line naming the files."""
+    if len(specs) == 1:
         return read_separate_rows(Path(specs[0])), f"`{specs[0]}`"
     table: dict[str, dict[int, dict[str, float]]] = {}
+    labels: set[str] = set()
     for spec in specs:
         label, sep, path = spec.partition("=")
         if not (sep and label and path) or "/" in label:
             raise SystemExit(
                 f"several CSVs are each LABEL=PATH (a label without '/'), got {spec!r}"
             )
-        if any(name.startswith(f"{label}/") for name in table):
+        if label in labels:
             raise SystemExit(f"the label {label!r} is given twice")
+        labels.add(label)
         for method, seeds in read_separate_rows(Path(path)).items():
             table[f"{label}/{method}"] = seeds
     return table, ", ".join(f"`{spec}`" for spec in specs)
