@@ -257,6 +257,14 @@ def test_best_yaml_holds_what_was_searched_and_the_table_says_so(tmp_path):
         "each; `frozen` had no search."
     ) in header
     assert "10 trials" not in header and "every method" not in header
+    # A run of some of best.yaml's methods (run --methods b) names only those.
+    source = SimpleNamespace(num_classes=16, labels=[0] * 320)
+    header = table_header(tuned, source, ["b"])
+    assert header.endswith(
+        "`b` runs with the best of its 2 trials of `python -m benchmarks.tune` on validation "
+        "classes (seeds [0], folds [0]): `tiny_tune_tuning.md`.\n\n"
+    )
+    assert table_header(tuned, source, ["frozen"]).endswith(". `frozen` had no search.\n\n")
 
 
 @needs_omniglot

@@ -233,8 +233,10 @@ def results_csv(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> st
 # --------------------------------------------------------------------------- writing
 
 
-def table_header(config: Mapping[str, Any], source: Source) -> str:
-    """The heading and data line above a run's table."""
+def table_header(
+    config: Mapping[str, Any], source: Source, shown: Sequence[str] | None = None
+) -> str:
+    """The heading and data line above a run's table of the methods ``shown`` (default: all)."""
     folds = [int(f) for f in config["folds"]]
     header = f"## {config['name']}\n\n{config['dataset']['name']}"
     header += f": {source.num_classes} classes ({len(source.labels)} images), "
@@ -246,12 +248,14 @@ def table_header(config: Mapping[str, Any], source: Source) -> str:
         header += "; VALIDATION classes only (the test classes were never embedded)"
     tune = config.get("tune") or {}
     if tune.get("tuned_from"):
-        header += f". {_search_sentence(tune)}"
+        sentence = _search_sentence(tune, method_names(config) if shown is None else shown)
+        header += f". {sentence}" if sentence else ""
     return header + ".\n\n"
 
 
-def _search_sentence(tune: Mapping[str, Any]) -> str:
-    """What ``best.yaml`` says of the search behind each method, as one sentence."""
+def _search_sentence(tune: Mapping[str, Any], shown: Sequence[str]) -> str:
+    """What ``best.yaml`` says of the search behind each method ``shown``, as one sentence
+    (empty when none of them is named there)."""
     search = (
         f"{tune['trials']} trials of `python -m benchmarks.tune` on validation classes (seeds "
         f"{tune['seeds']}, folds {tune['folds']}): `{tune['tuned_from']}_tuning.md`"
@@ -259,15 +263,22 @@ def _search_sentence(tune: Mapping[str, Any]) -> str:
     searched = tune.get("tuned_methods")
     if searched is None:  # a best.yaml written before it named its methods
         return f"Every trained method runs with the best of its {search}"
-    untuned = tune.get("untuned_methods") or []
-    names = ", ".join(f"`{m}`" for m in searched)
+    searched = [m for m in searched if m in shown]
+    untuned = [m for m in tune.get("untuned_methods") or [] if m in shown]
+    if not searched:
+        return f"{_names(untuned)} had no search" if untuned else ""
+    names = _names(searched)
     if len(searched) == 1:
         sentence = f"{names} runs with the best of its {search}"
     else:
         sentence = f"{names} run with the best of their {search}, the same budget for each"
     if untuned:
-        sentence += "; " + ", ".join(f"`{m}`" for m in untuned) + " had no search"
+        sentence += f"; {_names(untuned)} had no search"
     return sentence
+
+
+def _names(methods: Sequence[str]) -> str:
+    return ", ".join(f"`{m}`" for m in methods)
 
 
 def combine(

@@ -331,7 +331,7 @@ def _run_units(
         return None
     rows, summary, table = combine(config, root)
     wall = time.time() - start
-    heading = table_header(config, source)
+    heading = table_header(config, source, list(dict.fromkeys(row["method"] for row in rows)))
     footer = (
         f"\n\nThis invocation: {run_count} units run, {skipped} skipped, {wall:.0f} s wall "
         f"on {device} ({f'{workers} processes x ' if workers > 1 else _processes(launch)}"
