@@ -121,6 +121,7 @@ def test_two_runs_of_the_same_seeds_pair_by_label(tmp_path):
     )
     assert "seeds [0, 1]" in text
     assert f"Source: `tuned={tuned}`, `defaults={defaults}`." in text
+    assert "variant minus its base, paired by seed" in text
     with pytest.raises(SystemExit, match="LABEL=PATH"):
         main([str(tuned), str(defaults), "--pairs", "a:b"])
     with pytest.raises(SystemExit, match="given twice"):
@@ -128,4 +129,6 @@ def test_two_runs_of_the_same_seeds_pair_by_label(tmp_path):
     # One CSV is a plain path, even with "=" in its name.
     plain = tmp_path / "lr=1e-3.csv"
     _write(plain, [_row("a", 0, 0.5, 0.3), _row("b", 0, 0.4, 0.2)])
-    assert "| a | +10.00 | +10.00 | one seed: no verdict |" in main([str(plain), "--base", "b"])
+    text = main([str(plain), "--base", "b"])
+    assert "| a | +10.00 | +10.00 | one seed: no verdict |" in text
+    assert "variant minus `b`, paired by seed" in text

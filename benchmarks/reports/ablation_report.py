@@ -59,7 +59,8 @@ def markdown(
         "",
         markdown_table(header, body),
         "",
-        f"Percentage points, variant minus `{base or 'its base'}`, paired by seed (seeds {seeds}); "
+        f"Percentage points, variant minus {f'`{base}`' if base else 'its base'}, paired by seed "
+        f"(seeds {seeds}); "
         "mean ± 95% Student-t CI of the per-seed differences. A verdict needs the whole "
         "interval on one side of zero.",
         f"Source: {source}. Produced by `{command}`.",

@@ -44,8 +44,10 @@ BASES = (("global_gem", "gem"), ("global_avg", "avg"))
 MAP_AT_R = "mean_average_precision_at_r"
 
 
-def _cell(stem: str, head: str, base: str, suffix: str, root: Path) -> str:
-    rows = read_separate_rows(root / RESULTS / f"{stem}.csv")
+def _cell(
+    rows: dict[str, dict[int, dict[str, float]]], stem: str, head: str, base: str, suffix: str
+) -> str:
+    """One cell: ``head`` minus ``base`` in ``rows`` (the seed table of ``<stem>.csv``)."""
     (row,) = paired_differences(rows, pairs=[(head, base)])
     mean, half = row[MAP_AT_R]
     link = f"{RESULTS}/{stem}_paired_{suffix}.md"
@@ -54,11 +56,13 @@ def _cell(stem: str, head: str, base: str, suffix: str, root: Path) -> str:
 
 def table(root: Path = ROOT) -> str:
     """The results table, from the published CSVs under ``root``."""
-    rows = [
-        [label, head_label, *(_cell(stem, head, base, suffix, root) for base, suffix in BASES)]
-        for label, stem in BENCHMARKS
-        for head, head_label in HEADS
-    ]
+    rows = []
+    for label, stem in BENCHMARKS:
+        seeds = read_separate_rows(root / RESULTS / f"{stem}.csv")
+        rows += [
+            [label, head_label, *(_cell(seeds, stem, head, base, suffix) for base, suffix in BASES)]
+            for head, head_label in HEADS
+        ]
     header = ["benchmark", "head", "vs GeM", "vs average pooling"]
     return markdown_table(header, rows) + "\n"
 
