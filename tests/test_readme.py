@@ -166,6 +166,30 @@ def test_readme_results_table_is_the_generated_one():
     )
 
 
+REPORT_LINK = re.compile(r"\]\((benchmarks/results/[^)\s]+\.(?:md|csv))\)")
+# 4.60, +2.35, 0.544: a figure as the reports print it (not a version such as 2.14.1)
+FIGURE = re.compile(r"(?<![\w.])[+-]?(\d+\.\d{2,})(?![\w.])")
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/results.md"])
+def test_quoted_figures_are_in_the_reports_linked_beside_them(page):
+    """Every figure with two or more decimals in a paragraph or list item of prose is printed,
+    as written, in a report that paragraph links: a typo or a stale figure fails."""
+    text = re.sub(r"^```.*?^```", "", (ROOT / page).read_text(), flags=re.M | re.S)
+    checked = 0
+    for part in re.split(r"\n\s*\n|\n(?=- )", text):
+        figures = FIGURE.findall(part)
+        if not figures:
+            continue
+        links = REPORT_LINK.findall(part)
+        assert links, f"{page}: figures {figures} with no report linked beside them: {part[:80]!r}"
+        reports = "".join((ROOT / link).read_text() for link in links)
+        missing = [figure for figure in figures if figure not in reports]
+        assert not missing, f"{page}: {missing} are in none of {links}"
+        checked += len(figures)
+    assert checked >= 10  # the pages quote reports; a broken pattern would check nothing
+
+
 @pytest.mark.parametrize(
     "package", ["models", "losses", "regularizers", "trunks", "datasets", "utils"]
 )
